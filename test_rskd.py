@@ -1,0 +1,725 @@
+"""
+Tests for rskd: python -m pytest -q test_rskd.py
+
+Most runs go through rskd.main() in-process, on a tiny model and a synthetic corpus with a 97-token
+vocabulary (97 pads to 128, so the padding is always exercised). Statistical tests use fixed seeds and
+tolerances of a few standard errors computed from the sample size.
+"""
+import errno
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare_data
+import rskd
+from model import GPT, GPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+V = 97
+TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--block_size', '16', '--batch_size', '4',
+        '--eval_iters', '2', '--log_interval', '5', '--device', 'cpu', '--seed', '3']
+
+
+def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
+    """A corpus with something to learn: a random first-order Markov chain with peaky transitions."""
+    os.makedirs(d, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(rng.dirichlet(np.full(vocab, 0.1), size=vocab), axis=1)
+    n = n_train + n_val
+    u, toks, t = rng.random(n), np.empty(n, np.uint16), 0
+    for i in range(n):
+        t = min(int(np.searchsorted(cdf[t], u[i])), vocab - 1)
+        toks[i] = t
+    toks[:n_train].tofile(os.path.join(d, 'train.bin'))
+    toks[n_train:].tofile(os.path.join(d, 'val.bin'))
+    meta = dict(tokenizer='gpt2', vocab_size=vocab, eot=vocab - 1, dtype='uint16', train_tokens=n_train,
+                val_tokens=n_val, train_docs=1, val_docs=1, val_fraction=0.1, source=['synthetic'])
+    with open(os.path.join(d, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(d)
+
+
+def run(*argv):
+    rskd.main([str(a) for a in argv])
+
+
+def fail(capsys, *argv):
+    """Run, expect the one-line error exit; return the message."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and '\n' not in err, err
+    return err
+
+
+def files_of(d):
+    return {os.path.relpath(os.path.join(r, n), d): open(os.path.join(r, n), 'rb').read()
+            for r, _, names in os.walk(d) for n in names}
+
+
+def final_weights(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
+
+
+@pytest.fixture(scope='session')
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp('data'))
+
+
+@pytest.fixture(scope='session')
+def teacher(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp('teacher')
+    run('--mode', 'teacher', '--data_dir', data, '--out_dir', out, *TINY, '--n_layer', 2, '--n_embd', 32,
+        '--batch_size', 16, '--max_iters', 200, '--eval_interval', 100, '--learning_rate', 1e-2, '--min_lr', 1e-3,
+        '--warmup_iters', 10)
+    return str(out / 'ckpt.pt')
+
+
+@pytest.fixture(scope='session')
+def caches(tmp_path_factory, data, teacher):
+    d = tmp_path_factory.mktemp('caches')
+    for method in ('rs', 'topk'):
+        run('--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d / method,
+            '--method', method, '--k', 5, *TINY)
+    return {m: str(d / m) for m in ('rs', 'topk')}
+
+# ----------------------------------------------------------------------------- data and model
+
+
+def test_prepare_data_round_trip(tmp_path):
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    corpus = tmp_path / 'corpus'
+    (corpus / 'sub').mkdir(parents=True)
+    docs = ["First document.\nWith two lines.", "Ünïcödé — and emoji 🙂 survive the round trip.",
+            "a json line", "text that says <|endoftext|> is still plain text", "def f(x):\n    return x + 1\n"]
+    (corpus / 'a.txt').write_text(docs[0])
+    (corpus / 'b.md').write_text(docs[1])
+    (corpus / 'd.jsonl').write_text(json.dumps({'text': docs[2]}) + '\n\n' + json.dumps({'text': docs[3]}) + '\n')
+    (corpus / 'sub' / 'c.py').write_text(docs[4])
+    (corpus / 'empty.txt').write_text('   \n')  # skipped: no text
+    (corpus / 'image.png').write_bytes(b'\x89PNG')  # not a text extension: ignored
+    for out in ('out1', 'out2'):
+        prepare_data.main(['--input', str(corpus), '--out', str(tmp_path / out), '--val_fraction', '0.34'])
+    assert files_of(tmp_path / 'out1') == files_of(tmp_path / 'out2')  # deterministic
+    meta = json.loads((tmp_path / 'out1' / 'meta.json').read_text())
+    # document i is val when ceil((i+1) f) > ceil(i f): for f = 0.34 that is documents 0 and 2
+    expected = dict(train=[docs[1], docs[3], docs[4]], val=[docs[0], docs[2]])
+    for split, texts in expected.items():
+        tokens = np.fromfile(tmp_path / 'out1' / f'{split}.bin', dtype=np.uint16)
+        assert len(tokens) == meta[f'{split}_tokens'] and meta[f'{split}_docs'] == len(texts)
+        assert tokens[-1] == enc.eot_token and (tokens == enc.eot_token).sum() == len(texts)
+        pieces = np.split(tokens, np.flatnonzero(tokens == enc.eot_token) + 1)[:-1]
+        assert [enc.decode(p[:-1].tolist()) for p in pieces] == texts
+    assert meta['vocab_size'] == 50257 and meta['eot'] == 50256 and meta['tokenizer'] == 'gpt2'
+
+
+def test_prepare_data_errors(tmp_path, capsys, monkeypatch):
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            prepare_data.main([str(a) for a in argv])
+        assert e.value.code == 1
+        return capsys.readouterr().err
+    assert 'does not exist' in error('--input', tmp_path / 'nope', '--out', tmp_path / 'o')
+    (tmp_path / 'empty').mkdir()
+    assert 'no .txt/.md/.py/.jsonl files' in error('--input', tmp_path / 'empty', '--out', tmp_path / 'o')
+    (tmp_path / 'one.txt').write_text('only one document')
+    assert 'split is empty' in error('--input', tmp_path / 'one.txt', '--out', tmp_path / 'o')
+    (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\nnot json\n')
+    assert 'bad.jsonl:2 is not a JSON object' in error('--input', tmp_path / 'bad.jsonl', '--out', tmp_path / 'o')
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, 'get_encoding', offline)
+    assert 'TIKTOKEN_CACHE_DIR' in error('--input', tmp_path / 'one.txt', '--out', tmp_path / 'o')
+
+
+def kill_script(target, n, code):
+    """Python that SIGKILLs itself on the n-th call of module.attr `target`, then runs `code`."""
+    return (f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport importlib\n"
+            f"mod, attr = {target.rsplit('.', 1)!r}\nm = importlib.import_module(mod)\norig, calls = getattr(m, attr), [0]\n"
+            f"def hook(*a, **k):\n    calls[0] += 1\n    if calls[0] == {n}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"    return orig(*a, **k)\nsetattr(m, attr, hook)\nimport rskd\n{code}\n")
+
+
+def run_killed(target, n, code, sig=signal.SIGKILL):
+    p = subprocess.run([sys.executable, '-c', kill_script(target, n, code)], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == -sig, p.stderr
+    return p
+
+
+def test_prepare_data_killed_midway(tmp_path, capsys):
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    for i in range(5):
+        (corpus / f'{i}.txt').write_text(f"document number {i} " * 50)
+
+    def killed_run(out):  # prepare_data SIGKILLed while tokenizing its first batch, its .tmp files open
+        script = (f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport prepare_data\n"
+                  f"enc = prepare_data.load_tokenizer()\nclass Dying:\n    eot_token, n_vocab = enc.eot_token, enc.n_vocab\n"
+                  f"    def encode_ordinary_batch(self, batch, num_threads):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+                  f"prepare_data.load_tokenizer = Dying\nprepare_data.main(['--input', {str(corpus)!r}, '--out', {out!r}])\n")
+        p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
+        assert p.returncode == -signal.SIGKILL, p.stderr
+    out, out2 = str(tmp_path / 'out'), str(tmp_path / 'out2')
+    prepare_data.main(['--input', str(corpus), '--out', out])
+    before = files_of(out)
+    killed_run(out)  # a finished dataset stays as it was: the killed run only wrote .tmp files
+    assert {k: v for k, v in files_of(out).items() if not k.endswith('.tmp')} == before
+    killed_run(out2)  # with no earlier dataset: no meta.json, so nothing is read as finished
+    assert os.path.exists(out2 + '/train.bin.tmp') and not os.path.exists(out2 + '/meta.json')
+    assert 'meta.json not found' in fail(capsys, '--mode', 'train', '--data_dir', out2, '--out_dir', tmp_path / 'o')
+    prepare_data.main(['--input', str(corpus), '--out', out2])
+    assert 'unfinished run' in capsys.readouterr().out
+    assert files_of(out2) == before
+
+
+def test_model_shapes_and_padding():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
+    assert model.config.padded_vocab_size == 128 and model.lm_head.weight.shape == (128, 16)
+    assert model.transformer.wte.weight is model.lm_head.weight  # tied
+    idx = torch.randint(0, V, (3, 16))
+    assert model(idx).shape == (3, 16, V)  # the padded columns are not there to take probability
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), 'cpu')
+    for _ in range(3):
+        rskd.ce_loss(model(idx), idx).backward()
+        assert model.lm_head.weight.grad[V:].abs().sum() == 0
+        opt.step()
+        opt.zero_grad()
+    assert model.lm_head.weight[V:].abs().sum() == 0
+
+
+def test_teacher_training_lowers_loss(teacher):
+    lines = [json.loads(l) for l in open(os.path.join(os.path.dirname(teacher), 'metrics.jsonl'))]
+    assert [l['iter'] for l in lines] == [0, 100, 200]
+    assert lines[-1]['val_loss'] < lines[0]['val_loss'] - 0.5, lines  # from ~log(97) = 4.6 well down
+
+
+def test_resume_equals_uninterrupted(tmp_path, data, caches):
+    common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 3]
+    run(*common, '--out_dir', tmp_path / 'a', '--max_iters', 8)
+    run(*common, '--out_dir', tmp_path / 'b', '--max_iters', 5, '--lr_decay_iters', 8)
+    run('--mode', 'train', '--out_dir', tmp_path / 'b', '--resume', 'true', '--max_iters', 8)
+    a, b = final_weights(tmp_path / 'a'), final_weights(tmp_path / 'b')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    la = [json.loads(l) for l in open(tmp_path / 'a' / 'metrics.jsonl')]
+    lb = [json.loads(l) for l in open(tmp_path / 'b' / 'metrics.jsonl')]
+    assert [l['iter'] for l in la] == [0, 3, 6, 8] and [l['iter'] for l in lb] == [0, 3, 5, 6, 8]
+    assert la[-1]['val_loss'] == lb[-1]['val_loss']
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_counts(p, rounds, rows, sampler, seed=0):
+    """Dense (rows, V) counts from `rows` independent RS samples of the distribution p."""
+    probs = p.expand(1, rows, len(p)).clone()
+    lengths, ids, counts = rskd.run_lengths(rskd.sample_draws(probs, rounds, [torch.Generator().manual_seed(seed)], sampler))
+    ids, c = rskd.pad_rows(lengths, ids, counts)
+    return torch.zeros(rows, len(p)).scatter_add_(1, ids, c), lengths, ids
+
+
+P = torch.tensor([0.41, 0.23, 0.13, 0.09, 0.07, 0.0, 0.04, 0.02, 0.007, 0.003])  # token 5 has probability 0
+
+
+def test_rs_multinomial_is_unbiased_and_topk_is_not():
+    N, M = 50, 4000
+    counts, lengths, ids = sample_counts(P, N, M, 'multinomial')
+    assert (counts.sum(1) == N).all() and counts[:, 5].sum() == 0
+    est = counts.mean(0) / N
+    tol = 5 * torch.sqrt(P * (1 - P) / (N * M)) + 1e-6  # 5 standard errors per token
+    assert ((est - P).abs() <= tol).all(), (est, P)
+    renorm = torch.zeros_like(P)
+    top = P.topk(3)
+    renorm[top.indices] = top.values / top.values.sum()  # renormalised Top-3
+    assert (renorm - P).abs().max() > 20 * tol.max()
+
+
+def test_rs_systematic_is_unbiased_with_floor_or_ceil_counts():
+    N, M = 50, 4000
+    counts, lengths, ids = sample_counts(P, N, M, 'systematic')
+    assert (counts.sum(1) == N).all() and counts[:, 5].sum() == 0
+    assert ((counts == torch.floor(N * P)) | (counts == torch.ceil(N * P))).all()
+    # a floor/ceil count has variance at most 1/4, so the mean's standard error is at most 0.5 / (N sqrt(M))
+    assert ((counts.mean(0) / N - P).abs() <= 5 * 0.5 / (N * math.sqrt(M)) + 1e-6).all()
+    # and its error is far below multinomial's on the same budget
+    multi = sample_counts(P, N, M, 'multinomial')[0]
+    assert ((counts / N - P) ** 2).sum(1).mean() < 0.5 * ((multi / N - P) ** 2).sum(1).mean()
+
+
+def test_rs_ids_are_unique_ascending_and_in_vocab():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 8, V) * 3, -1)
+    for sampler in ('multinomial', 'systematic'):
+        gens = rskd.seq_generators(0, [0, 1], 'cpu')
+        lengths, ids, counts = rskd.run_lengths(rskd.sample_draws(probs.clone(), 50, gens, sampler))
+        assert lengths.sum() == len(ids) and counts.sum() == 50 * 16
+        for row in torch.split(ids, lengths.flatten().tolist()):
+            assert (row[1:] > row[:-1]).all() and row.max() < V
+
+
+def read_rs_cache_with_numpy(d, seq):
+    """The README's cache format, read with numpy alone: sequence seq's dense (T, V) target counts/rounds."""
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    T, V, N = meta['block_size'], meta['vocab_size'], meta['rounds']
+    lengths = np.fromfile(os.path.join(d, 'lengths.bin'), dtype=np.uint8)
+    ids = np.fromfile(os.path.join(d, 'ids.bin'), dtype=meta['ids_dtype'])
+    counts = np.fromfile(os.path.join(d, 'counts.bin'), dtype=np.uint8)
+    offsets = np.fromfile(os.path.join(d, 'seq_offsets.bin'), dtype=np.uint64)
+    dense, e = np.zeros((T, V)), int(offsets[seq])
+    for t in range(T):
+        n = int(lengths[seq * T + t])
+        dense[t, ids[e:e + n]] = counts[e:e + n] / N
+        e += n
+    assert e == offsets[seq + 1]
+    return dense
+
+
+def test_cache_files_follow_the_format(caches, data):
+    d = caches['rs']
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    S, T = meta['num_seqs'], meta['block_size']
+    assert meta['complete'] and meta['seqs_done'] == S == (20000 - 1) // 16 and meta['rounds'] == 50
+    lengths = np.fromfile(os.path.join(d, 'lengths.bin'), dtype=np.uint8)
+    counts = np.fromfile(os.path.join(d, 'counts.bin'), dtype=np.uint8)
+    ids = np.fromfile(os.path.join(d, 'ids.bin'), dtype=np.uint16)
+    offsets = np.fromfile(os.path.join(d, 'seq_offsets.bin'), dtype=np.uint64)
+    assert len(lengths) == S * T and lengths.sum() == len(ids) == len(counts) == meta['entries'] == offsets[-1]
+    assert (np.add.reduceat(counts.astype(int), np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)) == 50).all()
+    assert ids.max() < V and (offsets[1:] - offsets[:-1] == lengths.reshape(S, T).sum(1)).all()
+    _, targets = rskd.open_cache(rskd.Config(data_dir=data, cache_dir=d, block_size=16), 'rskd',
+                                 rskd.load_split(rskd.Config(data_dir=data, block_size=16), 'train')[0], V)
+    for seq in (0, 7, S - 1):
+        ids_, w = targets([seq])
+        ours = torch.zeros(T, V).scatter_add_(1, ids_[0], w[0]).numpy()
+        assert np.allclose(ours, read_rs_cache_with_numpy(d, seq))
+    # Top-K: ids and probabilities, descending, not renormalised
+    tk = json.load(open(os.path.join(caches['topk'], 'meta.json')))
+    probs = np.fromfile(os.path.join(caches['topk'], 'probs.bin'), dtype=np.float16).reshape(-1, tk['k'])
+    assert probs.shape[0] == S * T and (np.diff(probs.astype(np.float32), axis=1) <= 0).all()
+    assert (probs.astype(np.float32).sum(1) < 1.0 + 1e-2).all() and (probs.astype(np.float32).sum(1) < 0.999).any()
+
+
+def cache_args(data, teacher, d, *extra):
+    return ['--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d, *TINY, *extra]
+
+
+@pytest.mark.parametrize('where', ['rskd.cache_batch', 'rskd.write_json'])
+def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, where, capsys):
+    ref, d = str(tmp_path / 'ref'), str(tmp_path / 'killed')
+    args = cache_args(data, teacher, d, '--batch_size', 2)
+    run(*cache_args(data, teacher, ref, '--batch_size', 2))
+    # killed during the 3rd chunk's sampling, or (write_json) after the 3rd chunk's data was written but
+    # before meta.json recorded it: either way meta.json says 2 chunks and the rerun picks up from there
+    run_killed(where, 3 if where == 'rskd.cache_batch' else 4, f"rskd.main({[str(a) for a in args]!r})")
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    assert not meta['complete'] and meta['seqs_done'] == 4
+    assert 'incomplete' in fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', d, *TINY,
+                                '--out_dir', tmp_path / 'o')
+    run(*args)
+    assert 'resuming' in capsys.readouterr().out
+    assert files_of(d) == files_of(ref)
+    run(*args)  # a finished cache is never rewritten
+    assert 'nothing to do' in capsys.readouterr().out and files_of(d) == files_of(ref)
+
+
+def test_cache_mismatch_is_refused(tmp_path, data, teacher, caches, capsys):
+    d = str(tmp_path / 'c')
+    shutil.copytree(caches['rs'], d)
+    before = files_of(d)
+    assert 'different rounds' in fail(capsys, *cache_args(data, teacher, d, '--rounds', 20))
+    assert 'different method' in fail(capsys, *cache_args(data, teacher, d, '--method', 'topk'))
+    assert 'different num_seqs' in fail(capsys, *cache_args(data, teacher, d, '--max_seqs', 10))
+    other = write_data(tmp_path / 'other', seed=1)
+    assert 'different data' in fail(capsys, *cache_args(other, teacher, d))
+    assert files_of(d) == before
+
+# ----------------------------------------------------------------------------- losses and metrics
+
+
+def test_rskd_with_the_exact_distribution_equals_full_kd():
+    torch.manual_seed(0)
+    logits, t_logits = torch.randn(2, 3, V, requires_grad=True), torch.randn(2, 3, V) * 2
+    full = rskd.full_kd_loss(logits, t_logits)
+    g_full, = torch.autograd.grad(full, logits)
+    ids = torch.arange(V).expand(2, 3, V)
+    sparse = rskd.sparse_kd_loss(logits, ids, torch.softmax(t_logits, -1))
+    g_sparse, = torch.autograd.grad(sparse, logits)
+    assert torch.allclose(full, sparse, atol=1e-5) and torch.allclose(g_full, g_sparse, atol=1e-7)
+
+
+def test_rskd_gradient_is_unbiased_and_topk_is_not():
+    torch.manual_seed(0)
+    t_logits, s_logits = torch.randn(V), torch.randn(V)
+    t, p = torch.softmax(t_logits, -1), torch.softmax(s_logits, -1)
+    g_full = p - t  # the full-KD gradient w.r.t. the logits of one position
+    N = 50
+
+    def mean_rs_grad(M):  # the average of M independent RS gradients: the loss averages over M rows
+        logits = s_logits.expand(1, M, V).clone().requires_grad_()
+        lengths, ids, counts = rskd.run_lengths(rskd.sample_draws(t.expand(1, M, V).clone(), N, [torch.Generator().manual_seed(M)]))
+        ids, w = rskd.pad_rows(lengths, ids, counts / N)
+        g, = torch.autograd.grad(M * rskd.sparse_kd_loss(logits, ids.view(1, M, -1), w.view(1, M, -1)), logits)
+        return g[0].sum(0) / M
+    cos = lambda a, b: (a @ b / (a.norm() * b.norm())).item()
+    g_small, g_big = mean_rs_grad(10), mean_rs_grad(20000)
+    assert ((g_big - g_full).abs() <= 5 * torch.sqrt(t * (1 - t) / (N * 20000)) + 1e-6).all()
+    assert cos(g_big, g_full) > 0.999 and cos(g_big, g_full) > cos(g_small, g_full)
+    # vanilla Top-K: deterministic, gradient (sum_K t) p - t_K, far from the full-KD gradient
+    top = t.topk(12)
+    logits = s_logits.clone().requires_grad_()
+    g_top, = torch.autograd.grad(rskd.sparse_kd_loss(logits.view(1, 1, V), top.indices.view(1, 1, -1), top.values.view(1, 1, -1)), logits)
+    t_k = torch.zeros(V).scatter(0, top.indices, top.values)
+    assert torch.allclose(g_top, top.values.sum() * p - t_k, atol=1e-6)
+    assert (g_top - g_full).norm() > 50 * math.sqrt((1 - (t ** 2).sum()) / (N * 20000))  # 50 standard errors
+
+
+def ghost_float64(logits, ids, t):
+    p = torch.softmax(logits.double(), -1)
+    p_k, t = p.gather(-1, ids), t.double()
+    T_K, P_K = t.sum(-1), p_k.sum(-1)
+    tail = torch.where(T_K < 1, (1 - T_K) * torch.log((1 - T_K) / (1 - P_K)), torch.zeros_like(T_K))
+    return ((t * torch.log(t / p_k)).sum(-1) + tail).mean()
+
+
+def test_ghost_loss_matches_float64():
+    torch.manual_seed(0)
+    logits, t_logits = torch.randn(2, 4, V) * 2, torch.randn(2, 4, V) * 2
+    top = torch.softmax(t_logits, -1).topk(5)
+    assert abs(rskd.ghost_kd_loss(logits, top.indices, top.values).item() -
+               ghost_float64(logits, top.indices, top.values).item()) < 1e-5
+    # a tail mass near 0 for both: the student puts ~1e-6 and the teacher ~1e-7 outside the top 5
+    logits = torch.full((1, 1, V), -6.0)
+    logits[0, 0, :5] = torch.tensor([8.0, 7.5, 7.0, 6.0, 5.0])
+    t = torch.tensor([[[0.4, 0.3, 0.2, 0.05, 0.05 - 1e-7]]])
+    ids = torch.arange(5).view(1, 1, 5)
+    ours, ref = rskd.ghost_kd_loss(logits, ids, t).item(), ghost_float64(logits, ids, t).item()
+    assert abs(ours - ref) < 1e-5 * max(1, abs(ref)), (ours, ref)
+
+
+class FixedLogits(torch.nn.Module):
+    """A 'model' that returns given logits whatever the input."""
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits[:x.shape[0]]
+
+
+def test_ece_and_spec_accept_by_hand():
+    env = rskd.setup(rskd.Config(device='cpu'))
+    cfg = rskd.Config(batch_size=1, block_size=4)
+    val = np.array([0, 1, 1, 2, 3], dtype=np.uint16)  # one sequence: x = 0 1 1 2, y = 1 1 2 3
+    # top-1 confidences 0.9, 0.9, 0.6, 0.6 predicting token 1 each time: correct, correct, wrong, wrong
+    probs = torch.tensor([[0.05, 0.9, 0.05, 0.0], [0.05, 0.9, 0.05, 0.0], [0.2, 0.6, 0.2, 0.0], [0.2, 0.6, 0.1, 0.1]])
+    model = FixedLogits(torch.log(probs.clamp(min=1e-12)).unsqueeze(0))
+    m = rskd.evaluate(model, model, val, [0], cfg, env)
+    # bins: {0.9, 0.9} with accuracy 1 -> |1 - 0.9|; {0.6, 0.6} with accuracy 0 -> |0 - 0.6|
+    assert abs(m['ece'] - (2 * 0.1 + 2 * 0.6) / 4) < 1e-6
+    assert abs(m['spec_accept'] - 1) < 1e-6 and abs(m['kl_teacher']) < 1e-6  # student == teacher
+    t_probs = torch.softmax(torch.randn(1, 4, 4), -1)
+    m = rskd.evaluate(model, FixedLogits(torch.log(t_probs)), val, [0], cfg, env)
+    tv = 0.5 * (probs - t_probs[0]).abs().sum(-1)
+    assert abs(m['spec_accept'] - (1 - tv).mean().item()) < 1e-5
+    assert abs(m['val_loss'] + torch.log(probs[torch.arange(4), torch.tensor([1, 1, 2, 3])]).mean().item()) < 1e-5
+
+
+FIELDS = {'iter', 'loss', 'seed', 'train_loss', 'tok_s', 'val_loss', 'val_ppl', 'ece', 'reliability', 'kl_teacher', 'spec_accept'}
+
+
+@pytest.mark.parametrize('loss', [['rskd'], ['topk'], ['topk', '--topk_tail', 'ghost'], ['fullkd'], ['ce'],
+                                  ['rskd', '--alpha', '0.5']])
+def test_each_loss_trains_and_logs_every_metric(tmp_path, data, teacher, caches, loss, capsys):
+    cache = caches['topk' if loss[0] == 'topk' else 'rs']
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', cache, '--teacher', teacher, '--out_dir', tmp_path,
+        *TINY, '--max_iters', 6, '--eval_interval', 3, '--loss', *loss)
+    lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    assert [l['iter'] for l in lines] == [0, 3, 6]
+    for line in lines:
+        assert set(line) == FIELDS and line['loss'] == loss[0]
+        assert all(math.isfinite(line[k]) for k in ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept'))
+        assert 0 <= line['ece'] <= 1 and 0 < line['spec_accept'] <= 1 and line['kl_teacher'] >= -1e-6
+    assert lines[-1]['val_loss'] < lines[0]['val_loss']
+    assert 'done: ' in capsys.readouterr().out
+
+
+def test_bench_writes_every_number(tmp_path, data, teacher):
+    run('--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', tmp_path, *TINY)
+    res = json.load(open(tmp_path / 'bench.json'))
+    for key in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes'):
+        assert set(res[key]) == {'ce', 'rskd', 'topk', 'fullkd'} and all(v >= 0 for v in res[key].values())
+    assert all(v > 0 for v in res['step_ms'].values())
+    assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == {'rs', 'topk'}
+    r_eq = res['systematic_equal_storage_rounds']
+    assert set(res['grad_angle_deg']) == {'rskd', 'topk12', 'topk50', 'ghost12', 'systematic50', f'systematic{r_eq}'}
+    assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
+    assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
+
+# ----------------------------------------------------------------------------- scale out
+
+
+def torchrun(nproc, *argv):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
+           os.path.join(HERE, 'rskd.py'), *[str(a) for a in argv]]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def test_ddp_cache_equals_single_process(tmp_path, data, teacher, caches):
+    torchrun(2, *cache_args(data, teacher, tmp_path / 'rs'))
+    assert files_of(tmp_path / 'rs') == files_of(caches['rs'])
+
+
+def test_ddp_training_matches_single_process(tmp_path, data, caches):
+    common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 4,
+              '--eval_interval', 4, '--gradient_accumulation_steps', 2]
+    run(*common, '--out_dir', tmp_path / 'one')
+    torchrun(2, *common, '--out_dir', tmp_path / 'two')
+    one, two = final_weights(tmp_path / 'one'), final_weights(tmp_path / 'two')
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    m1, m2 = (json.loads(open(tmp_path / d / 'metrics.jsonl').readlines()[-1]) for d in ('one', 'two'))
+    assert abs(m1['val_loss'] - m2['val_loss']) < 1e-4
+
+
+def test_hugging_face_teacher(tmp_path, data, capsys):
+    # CI installs transformers so that this runs there; elsewhere it is optional
+    transformers = __import__('transformers') if os.environ.get('CI') else pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    config = dict(n_positions=32, n_embd=16, n_head=2, bos_token_id=0, eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_layer=2, **config)).eval()
+    hf.save_pretrained(tmp_path / 'hf')
+    ours = GPT.from_pretrained(str(tmp_path / 'hf')).eval()
+    idx = torch.randint(0, V, (2, 32))
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max() < 1e-4
+    run(*cache_args(data, tmp_path / 'hf', tmp_path / 'cache'))
+    meta = json.load(open(tmp_path / 'cache' / 'meta.json'))
+    assert meta['complete'] and meta['teacher']['name'] == str(tmp_path / 'hf') and len(meta['teacher']['sha256']) == 64
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_layer=1, **config)).save_pretrained(tmp_path / 'hf100')
+    err = fail(capsys, *cache_args(data, tmp_path / 'hf100', tmp_path / 'c100'))
+    assert 'vocabulary of 100 tokens, the data has 97' in err
+
+
+def test_missing_transformers_says_how_to_install(tmp_path, data, monkeypatch, capsys):
+    (tmp_path / 'hfdir').mkdir()
+    monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers now raises ImportError
+    assert 'pip install transformers' in fail(capsys, *cache_args(data, tmp_path / 'hfdir', tmp_path / 'c'))
+
+# ----------------------------------------------------------------------------- reliability
+
+
+def edit_meta(path, **changes):
+    meta = json.load(open(path))
+    meta.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del meta[k]
+    json.dump(meta, open(path, 'w'))
+
+
+def bad_inputs(tmp, data, teacher, caches):
+    """name -> (a function that sets the case up in the fresh folder tmp and returns argv, expected words)."""
+    train = ['--mode', 'train', '--data_dir', data, '--out_dir', f'{tmp}/out', *TINY, '--max_iters', 2]
+    cache = cache_args(data, teacher, f'{tmp}/c')
+
+    def data_with(edit):  # a copy of the data, edited
+        shutil.copytree(data, f'{tmp}/d')
+        edit(f'{tmp}/d')
+        return f'{tmp}/d'
+
+    def cache_with(edit, src='rs'):  # a copy of a cache, edited
+        shutil.copytree(caches[src], f'{tmp}/cache')
+        edit(f'{tmp}/cache')
+        return f'{tmp}/cache'
+
+    def set_token(d, value):
+        np.memmap(f'{d}/train.bin', np.uint16, 'r+')[5] = value
+
+    def garbage():
+        open(f'{tmp}/bad.pt', 'wb').write(b'not a checkpoint')
+        return f'{tmp}/bad.pt'
+    nan_probs = lambda d: np.full(os.path.getsize(f'{d}/probs.bin') // 2, np.nan, np.float16).tofile(f'{d}/probs.bin')
+    return {
+        'missing data_dir': (lambda: ['--mode', 'train', '--data_dir', f'{tmp}/nope'], 'meta.json not found'),
+        'missing train.bin': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: os.remove(f'{d}/train.bin'))], 'train.bin not found'),
+        'missing val.bin': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: os.remove(f'{d}/val.bin'))], 'val.bin not found'),
+        'odd-sized .bin': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: open(f'{d}/train.bin', 'ab').write(b'x'))], 'uint16 tokens'),
+        'token >= vocab': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: set_token(d, 200))], 'token ids >= vocab_size'),
+        'corpus < one block': (lambda: ['--mode', 'train', '--data_dir', write_data(f'{tmp}/d', n_train=10)], 'fewer than one block'),
+        'block larger than data': (lambda: [*train, '--block_size', 30000], 'fewer than one block'),
+        'batch larger than data': (lambda: [*train, '--cache_dir', caches['rs'], '--batch_size', 5000], 'one step takes 5000 sequences'),
+        'data meta missing field': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', eot=None))], "missing fields ['eot']"),
+        'data meta wrong type': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', train_tokens='20000'))], "'train_tokens' should be int"),
+        'missing cache': (lambda: [*train, '--cache_dir', f'{tmp}/none'], 'no cache in'),
+        'incomplete cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', complete=False))], 'incomplete'),
+        'cache of other data': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: set_token(d, 7))], 'other training data'),
+        'cache of other block_size': (lambda: [*train, '--cache_dir', caches['rs'], '--block_size', 8], 'pass --block_size 16'),
+        'cache of other vocab': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', vocab_size=101))], 'over 97 tokens, not train over 101'),
+        'cache of other method': (lambda: [*train, '--cache_dir', caches['rs'], '--loss', 'topk'], 'is a rs cache'),
+        'cache meta unexpected field': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', extra=1))], "unexpected fields ['extra']"),
+        'cache meta missing field': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', seed=None))], "missing fields ['seed']"),
+        'truncated cache file': (lambda: [*train, '--cache_dir', cache_with(lambda d: os.truncate(f'{d}/ids.bin', os.path.getsize(f'{d}/ids.bin') - 2))], 'does not have the size'),
+        'missing teacher': (lambda: [*train, '--loss', 'fullkd', '--teacher', f'{tmp}/none.pt'], 'none.pt not found'),
+        'corrupt teacher': (lambda: [*train, '--loss', 'fullkd', '--teacher', garbage()], 'not a valid rskd checkpoint'),
+        'teacher of other vocab': (lambda: [*cache, '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', vocab_size=101))], 'vocabulary of 97 tokens, the data has 101'),
+        'teacher with shorter block_size': (lambda: [*cache, '--block_size', 32], 'shorter than --block_size 32'),
+        'rounds 0': (lambda: [*cache, '--rounds', 0], '--rounds must be 1..255'),
+        'rounds 256': (lambda: [*cache, '--rounds', 256], '--rounds must be 1..255'),
+        'k 0': (lambda: [*cache, '--method', 'topk', '--k', 0], '--k must be at least 1'),
+        'k > vocab': (lambda: [*cache, '--method', 'topk', '--k', 98], 'at most the vocabulary size 97'),
+        'unknown loss': (lambda: [*train, '--loss', 'mse'], "invalid choice: 'mse'"),
+        'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
+        'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
+        'non-finite loss': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'the loss became nan at iter 0'),
+        'resume without checkpoint': (lambda: [*train, '--resume', 'true'], 'ckpt.pt not found'),
+    }
+
+
+@pytest.mark.parametrize('case', list(bad_inputs('', '', '', {})))
+def test_bad_input_gives_one_clear_line(case, tmp_path, data, teacher, caches, capsys):
+    setup, words = bad_inputs(str(tmp_path), data, teacher, caches)[case]
+    argv = setup()
+    before = {d: files_of(d) for d in (data, caches['rs'], caches['topk'], os.path.dirname(teacher))}
+    assert words in fail(capsys, *argv)
+    assert {d: files_of(d) for d in before} == before  # nothing of the user's was touched
+    if case == 'non-finite loss':  # the last good checkpoint (iter 0) is intact
+        assert torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] == 0
+
+
+def test_existing_run_is_not_overwritten(tmp_path, data, caches, capsys):
+    args = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 2, '--out_dir', tmp_path]
+    run(*args)
+    before = files_of(tmp_path)
+    assert 'already exists' in fail(capsys, *args)
+    assert files_of(tmp_path) == before
+
+
+def test_errors_have_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, 'rskd.py', '--mode', 'train', '--data_dir', str(tmp_path / 'nope')],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 1 and 'Traceback' not in p.stderr and p.stderr.count('\n') == 1, p.stderr
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ.get('RSKD_EVIL_MARKER', '/tmp/rskd_evil')}",))
+
+
+def test_checkpoint_carrying_code_is_refused(tmp_path, data, capsys, monkeypatch):
+    marker = tmp_path / 'pwned'
+    monkeypatch.setenv('RSKD_EVIL_MARKER', str(marker))
+    torch.save({'model': Evil(), 'model_config': {}, 'config': {}, 'iter_num': 0}, tmp_path / 'evil.pt')
+    assert 'not a valid rskd checkpoint' in fail(capsys, *cache_args(data, tmp_path / 'evil.pt', tmp_path / 'c'))
+    assert not marker.exists()
+
+
+def train_args(data, caches, out, *extra):
+    return ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--out_dir', out,
+            '--max_iters', 10, '--eval_interval', 4, *extra]
+
+
+def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
+    run(*train_args(data, caches, tmp_path / 'ref'))
+    args = [str(a) for a in train_args(data, caches, tmp_path / 'int')]
+    # Ctrl-C while drawing the 6th batch: the step finishes, a checkpoint is saved at iter 6, exit 0
+    script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})").replace('signal.SIGKILL', 'signal.SIGINT')
+    script = script.replace("import importlib", "import importlib, rskd")
+    p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 0 and 'interrupted: saved' in p.stdout and '--resume true' in p.stdout, p.stdout + p.stderr
+    assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 6
+    run(*args, '--resume', 'true')
+    ref, res = final_weights(tmp_path / 'ref'), final_weights(tmp_path / 'int')
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
+def test_sigkill_while_saving_keeps_the_last_good_checkpoint(tmp_path, data, caches):
+    run(*train_args(data, caches, tmp_path / 'ref'))
+    args = [str(a) for a in train_args(data, caches, tmp_path / 'k')]
+    # killed inside the 2nd checkpoint save (iter 4), after the temp file is written, before the rename
+    run_killed('os.replace', 2, f"import rskd\nrskd.main({args!r})")
+    assert os.path.exists(tmp_path / 'k' / 'ckpt.pt.tmp')
+    assert torch.load(tmp_path / 'k' / 'ckpt.pt', weights_only=True)['iter_num'] == 0
+    run(*args, '--resume', 'true')
+    ref, res = final_weights(tmp_path / 'ref'), final_weights(tmp_path / 'k')
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+
+
+def enospc_on_call(n, real):
+    calls = [0]
+
+    def f(*a, **k):
+        calls[0] += 1
+        if calls[0] >= n:
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(*a, **k)
+    return f
+
+
+def test_disk_full_while_checkpointing(tmp_path, data, caches, capsys, monkeypatch):
+    monkeypatch.setattr(torch, 'save', enospc_on_call(2, torch.save))
+    assert 'disk is full' in fail(capsys, *train_args(data, caches, tmp_path))
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 0  # the previous one, intact
+    assert not os.path.exists(tmp_path / 'ckpt.pt.tmp')
+
+
+def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, capsys, monkeypatch):
+    args = cache_args(data, teacher, tmp_path / 'c')
+    with monkeypatch.context() as m:
+        m.setattr(os, 'fsync', enospc_on_call(8, os.fsync))
+        assert 'No space left on device' in fail(capsys, *args)  # the data files' fsync, not meta.json's
+    meta = json.load(open(tmp_path / 'c' / 'meta.json'))
+    assert not meta['complete'] and meta['seqs_done'] > 0
+    run(*args)
+    assert files_of(tmp_path / 'c') == files_of(caches['rs'])
+
+# ----------------------------------------------------------------------------- soak (not in CI)
+
+
+@pytest.mark.skipif(not os.environ.get('RSKD_SOAK'), reason="set RSKD_SOAK=1 to run the kill-and-resume soak test")
+def test_soak_random_kills(tmp_path):
+    """The quick-start pipeline (scaled by RSKD_SOAK_SCALE) under random SIGKILLs, resumed until done; the
+    cache must be byte-identical to an uninterrupted one and the student's weights equal."""
+    import random
+    import time
+    rng = random.Random(int(os.environ.get('RSKD_SOAK_SEED', 0)))
+    scale = float(os.environ.get('RSKD_SOAK_SCALE', 1))
+    data = write_data(tmp_path / 'data', n_train=int(40000 * scale))
+    steps = [['--mode', 'teacher', '--out_dir', 'teacher', '--n_layer', 2, '--n_embd', 32, '--max_iters', int(200 * scale), '--eval_interval', 50],
+             ['--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache'],
+             ['--mode', 'train', '--cache_dir', 'cache', '--teacher', 'teacher/ckpt.pt', '--out_dir', 'student', '--max_iters', int(200 * scale), '--eval_interval', 50]]
+    kills = 0
+    for root, kill in (('clean', False), ('killed', True)):
+        os.makedirs(tmp_path / root)
+        for step in steps:
+            argv = [sys.executable, os.path.join(HERE, 'rskd.py'), '--data_dir', data, *TINY, *map(str, step)]
+            first = True
+            while True:
+                resume = ['--resume', 'true'] if step[1] != 'cache' and not first else []
+                p = subprocess.Popen(argv + resume, cwd=tmp_path / root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                try:
+                    p.wait(timeout=rng.uniform(2, 8) if kill else None)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                    kills += 1
+                    first = first and not os.path.exists(tmp_path / root / step[3] / 'ckpt.pt')
+                    continue
+                assert p.returncode == 0, p.stderr.read().decode()
+                break
+    print(f"soak: survived {kills} kills")
+    assert files_of(tmp_path / 'clean' / 'cache') == files_of(tmp_path / 'killed' / 'cache')
+    a, b = final_weights(tmp_path / 'clean' / 'student'), final_weights(tmp_path / 'killed' / 'student')
+    assert all(torch.equal(a[k], b[k]) for k in a)
