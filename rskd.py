@@ -58,7 +58,7 @@ class Config:
     n_embd: int = 128                # embedding width
     block_size: int = 128            # sequence length T; training windows and cache rows both use it
     batch_size: int = 16             # sequences per micro-step (and per cache chunk)
-    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step, summed over all ranks
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step over all ranks (torchrun: world size)
     max_iters: int = 200             # optimizer steps
     lr_decay_iters: int = 0          # length of the cosine schedule (0 = max_iters); set it to extend a run
     learning_rate: float = 3e-3      # peak learning rate
@@ -91,6 +91,9 @@ CHOICES = dict(mode=('teacher', 'cache', 'train', 'bench'), loss=('rskd', 'topk'
                split=('train', 'val'), dtype=('auto', 'float32', 'bfloat16', 'float16'),
                compile=('auto', 'true', 'false'))
 HF_TEACHERS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
+# a resumed run must keep these, or its data order and model would silently change
+RESUME_FIXED = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps',
+                'max_seqs', 'seed', 'loss', 'cache_dir')
 
 
 def die(msg):
@@ -188,6 +191,14 @@ def sync(env):
     if env.type == 'cuda':
         torch.cuda.synchronize()
 
+
+def on_master(fn, env):
+    """fn() on rank 0, its result broadcast to every rank: one pass over a big file, not one per rank."""
+    out = [fn() if env.master else None]
+    if env.ddp:
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
 # -----------------------------------------------------------------------------
 # data: memory-mapped uint16 tokens; sequence s is the window tokens[s*T : s*T+T+1]
 
@@ -196,7 +207,7 @@ DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens
                  train_docs=int, val_docs=int, val_fraction=(int, float), source=list)
 
 
-def load_split(cfg, split, max_seqs=0):
+def load_split(cfg, split, env, max_seqs=0):
     """Memory-map DATA_DIR/split.bin after checking it. Returns (tokens, number of sequences, vocab_size)."""
     meta = read_json(os.path.join(cfg.data_dir, 'meta.json'), DATA_META, "run prepare_data.py first")
     path, V, T = os.path.join(cfg.data_dir, f'{split}.bin'), meta['vocab_size'], cfg.block_size
@@ -211,17 +222,19 @@ def load_split(cfg, split, max_seqs=0):
     if n < T + 1:
         die(f"{path} holds {n} tokens, fewer than one block of {T}+1: use a smaller --block_size or more data")
     tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(n,))
-    for i in range(0, n, 1 << 26):  # a chunked scan: never the whole file in RAM
-        if tokens[i:i + (1 << 26)].max() >= V:
-            die(f"{path} holds token ids >= vocab_size {V}: it was not made with this tokenizer")
+    # a chunked scan, never the whole file in RAM
+    if on_master(lambda: max(int(tokens[i:i + (1 << 26)].max()) for i in range(0, n, 1 << 26)), env) >= V:
+        die(f"{path} holds token ids >= vocab_size {V}: it was not made with this tokenizer")
     return tokens, (n - 1) // T, V
 
 
-def data_fingerprint(tokens, path):
-    h = hashlib.sha256()
-    for i in range(0, len(tokens), 1 << 26):
-        h.update(tokens[i:i + (1 << 26)].tobytes())
-    return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=h.hexdigest())
+def data_fingerprint(tokens, path, env):
+    def sha256():
+        h = hashlib.sha256()
+        for i in range(0, len(tokens), 1 << 26):
+            h.update(tokens[i:i + (1 << 26)].tobytes())
+        return h.hexdigest()
+    return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=on_master(sha256, env))
 
 
 def get_batch(tokens, seqs, T, env):
@@ -253,26 +266,41 @@ def seq_generators(seed, seqs, device):
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + s) for s in seqs]
 
 
-def sample_draws(probs, rounds, gens, sampler='multinomial'):
-    """Draw `rounds` tokens with replacement from each row of probs (B, T, V) (unnormalised is fine, and
-    it is overwritten: the CDF is built in place); returns the draws sorted per row, (B, T, rounds).
+def sample_draws(probs, rounds, gens, sampler='multinomial', block=16):
+    """Draw `rounds` tokens with replacement from each row of probs (B, T, V), unnormalised is fine;
+    returns the draws sorted per row, (B, T, rounds).
 
     Both samplers put points in (0, 1] and return the token whose CDF interval (cdf[i-1], cdf[i]] holds
     each point, so a token is drawn with probability exactly p_i and a zero-probability token never is.
     multinomial: `rounds` independent uniform points (the paper).
     systematic: ONE uniform u per row and the grid (j + 1 - u) / rounds, j = 0..rounds-1. Point j is
     uniform on its own slice (j/N, (j+1)/N], so E[count_i] = N * p_i: still exactly unbiased. But the
-    points are evenly spaced, so count_i is always floor or ceil of N * p_i: far lower variance."""
+    points are evenly spaced, so count_i is always floor or ceil of N * p_i: far lower variance.
+
+    The CDF is two-level and float64: first the block of `block` tokens whose mass holds the point, then
+    the token inside that block. One float32 CDF over 50k tokens would round every token's interval by
+    ~1e-8 (absolute), a large relative error for the many tiny probabilities; here it is ~1e-7 relative."""
     B, T, V = probs.shape
-    cdf = probs.cumsum_(-1)  # (B, T, V), in place: no second vocabulary-sized tensor
-    u = torch.stack([torch.rand(T, rounds if sampler == 'multinomial' else 1, generator=g, device=g.device)
-                     for g in gens])  # (B, T, rounds or 1), each sequence from its own stream
-    if sampler == 'multinomial':
-        points = 1 - u
-    else:
-        points = (torch.arange(1, rounds + 1, device=u.device) - u) / rounds
-    draws = torch.searchsorted(cdf, points * cdf[..., -1:])  # first i with cdf[i] >= point * total
-    return draws.sort(-1).values
+    full = V // block * block  # the last block may be partial
+    mass = probs[..., :full].reshape(B, T, -1, block).sum(-1)
+    if full < V:
+        mass = torch.cat([mass, probs[..., full:].sum(-1, keepdim=True)], dim=-1)
+    mass = mass.double()
+    cdf = mass.cumsum(-1)  # (B, T, nblocks)
+    u = torch.stack([torch.rand(T, rounds if sampler == 'multinomial' else 1, generator=g, device=g.device,
+                                dtype=torch.float64) for g in gens])  # (B, T, rounds or 1), a stream per sequence
+    points = 1 - u if sampler == 'multinomial' else (torch.arange(1, rounds + 1, device=u.device) - u) / rounds
+    points = points * cdf[..., -1:]  # (B, T, rounds), ascending for systematic
+    blk = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # first block with cdf >= point
+    cols = blk.unsqueeze(-1) * block + torch.arange(block, device=blk.device)  # (B, T, rounds, block)
+    vals = probs.gather(-1, cols.clamp(max=V - 1).flatten(2)).view(cols.shape).double()
+    inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the chosen block's own CDF
+    # the point's offset inside its block, rescaled to the inner CDF and kept in (0, total]: float
+    # rounding can then never land it on a zero-probability token
+    rest = (points - cdf.gather(-1, blk)) / mass.gather(-1, blk) + 1
+    rest = torch.minimum((rest * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny), inner[..., -1])
+    tok = torch.searchsorted(inner, rest.unsqueeze(-1)).squeeze(-1)
+    return (blk * block + tok).sort(-1).values
 
 
 def run_lengths(draws):
@@ -316,7 +344,8 @@ def ghost_kd_loss(logits, ids, t):
     # log(1 - P_K) is a logsumexp over the tail's own logits: accurate even when the tail mass is tiny
     logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     logp = logp_all.gather(-1, ids)
-    log_tail_p = torch.logsumexp(logp_all.scatter(-1, ids, float('-inf')), dim=-1)  # log(1 - P_K)
+    # (the K slots get the most negative float, not -inf, so that an empty tail (K = V) stays finite)
+    log_tail_p = torch.logsumexp(logp_all.scatter(-1, ids, torch.finfo(torch.float32).min), dim=-1)
     tail_t = (1 - t.sum(-1)).clamp(min=0)
     return ((torch.xlogy(t, t) - t * logp).sum(-1) + torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p).mean()
 
@@ -378,13 +407,17 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
 
 
 def save_atomic(write, path):
-    """write(tmp) then rename: a reader sees the old file or the new one, never half of one."""
+    """write(file) into a temp file, then rename: a reader sees the old file or the new one, never half."""
     tmp = path + '.tmp'
     try:
-        write(tmp)
-        with open(tmp, 'rb+') as f:
+        with open(tmp, 'wb') as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename, durable too
+        os.fsync(dir_fd)
+        os.close(dir_fd)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -394,7 +427,7 @@ def save_atomic(write, path):
 
 
 def write_json(d, path):
-    save_atomic(lambda tmp: open(tmp, 'w').write(json.dumps(d, indent=1)), path)
+    save_atomic(lambda f: f.write(json.dumps(d, indent=1).encode()), path)
 
 
 def load_checkpoint(path):
@@ -420,26 +453,37 @@ def weights_sha256(model):
 
 def load_teacher(name, vocab_size, block_size, env):
     """A frozen teacher in eval mode, and {name, sha256 of its weights} to record in caches."""
-    if name in HF_TEACHERS or os.path.isdir(name):
+    hf = name in HF_TEACHERS or os.path.isdir(name)
+    if hf:
         try:
-            import transformers  # noqa: F401  (only Hugging Face teachers need it)
+            import transformers  # only Hugging Face teachers need it
         except ImportError:
             die(f"teacher {name} is a Hugging Face model: pip install transformers")
         try:
-            model = GPT.from_pretrained(name)
-        except OSError as e:
+            c = transformers.AutoConfig.from_pretrained(name)
+        except (OSError, ValueError) as e:
             die(f"could not load Hugging Face teacher {name}: {str(e).splitlines()[0]}")
+        shape = dict(vocab_size=getattr(c, 'vocab_size', None), block_size=getattr(c, 'n_positions', None))
         name = name if name in HF_TEACHERS else os.path.abspath(name)
     else:
         ckpt = load_checkpoint(name)
-        model = GPT(GPTConfig(**ckpt['model_config']))
-        model.load_state_dict(ckpt['model'])
-        name = os.path.abspath(name)
-    if model.config.vocab_size != vocab_size:
-        die(f"teacher {name} has a vocabulary of {model.config.vocab_size} tokens, the data has {vocab_size}: "
+        shape, name = ckpt['model_config'], os.path.abspath(name)
+    # check before loading the weights: the vocabulary first, as a non-GPT-2 model fails here
+    if shape.get('vocab_size') != vocab_size:
+        die(f"teacher {name} has a vocabulary of {shape.get('vocab_size')} tokens, the data has {vocab_size}: "
             f"the teacher must use the data's tokenizer")
-    if model.config.block_size < block_size:
-        die(f"teacher {name} has block_size {model.config.block_size}, shorter than --block_size {block_size}")
+    if hf and c.model_type != 'gpt2':
+        die(f"teacher {name} is a {c.model_type} model: only GPT-2-architecture teachers load into model.py")
+    if (shape.get('block_size') or 0) < block_size:
+        die(f"teacher {name} has block_size {shape.get('block_size')}, shorter than --block_size {block_size}")
+    if hf:
+        model = GPT.from_pretrained(name)
+    else:
+        try:
+            model = GPT(GPTConfig(**shape))
+            model.load_state_dict(ckpt['model'])
+        except (TypeError, RuntimeError):
+            die(f"{name} does not hold the weights of a model.py GPT: it is not a teacher checkpoint")
     info = dict(name=name, sha256=weights_sha256(model))
     return model.to(env.device).eval().requires_grad_(False), info
 
@@ -449,7 +493,7 @@ def load_teacher(name, vocab_size, block_size, env):
 
 CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int, num_seqs=int, seed=int,
                   split=str, teacher=dict(name=str, sha256=str), data=dict(path=str, n_tokens=int, sha256=str),
-                  ids_dtype=str, complete=bool, seqs_done=int, entries=int)
+                  ids_dtype=str, dtype=str, device=str, complete=bool, seqs_done=int, entries=int)
 METHOD_META = dict(rs=dict(rounds=int, sampler=str), topk=dict(k=int))
 PROGRESS = ('complete', 'seqs_done', 'entries')
 
@@ -472,7 +516,24 @@ def read_cache_meta(cache_dir):
             method = json.load(f).get('method')
         except (ValueError, AttributeError):
             die(f"{path} is not valid JSON: delete {cache_dir} and rerun --mode cache")
-    return read_json(path, {**CACHE_META, **METHOD_META.get(method, {})}, "rerun --mode cache")
+    meta = read_json(path, {**CACHE_META, **METHOD_META.get(method, {})}, "rerun --mode cache")
+    if not (meta['format'] == 'rskd-cache' and meta['version'] == 1 and meta['ids_dtype'] in ('uint16', 'int32')
+            and 0 <= meta['seqs_done'] <= meta['num_seqs'] and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
+            and (1 <= meta['rounds'] <= 255 and meta['sampler'] in CHOICES['sampler'] if method == 'rs' else meta['k'] >= 1)):
+        die(f"{path} holds values that rskd never writes: delete {cache_dir} and make the cache again")
+    return meta
+
+
+def cache_memmaps(cache_dir, meta):
+    """The cache's files, memory-mapped, after checking each one's size against meta.json."""
+    mm = {}
+    for name, (dt, n) in cache_files(meta).items():
+        path = os.path.join(cache_dir, f'{name}.bin')
+        if not os.path.exists(path) or os.path.getsize(path) != n * np.dtype(dt).itemsize:
+            die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; delete it "
+                f"and make it again with --mode cache")
+        mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,))
+    return mm
 
 
 @torch.no_grad()
@@ -493,15 +554,16 @@ def cache_batch(teacher, x, seqs, cfg, env):
 
 def run_cache(cfg, env):
     """Returns the throughput (tok/s) of the sampling loop, for bench."""
-    tokens, S, V = load_split(cfg, cfg.split, cfg.max_seqs)
+    tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
     if cfg.method == 'topk' and cfg.k > V:
         die(f"--k must be at most the vocabulary size {V}, got {cfg.k}")
     teacher, teacher_info = load_teacher(cfg.teacher, V, T, env)
     meta = dict(format='rskd-cache', version=1, method=cfg.method, vocab_size=V, block_size=T, num_seqs=S,
                 seed=cfg.seed, split=cfg.split, teacher=teacher_info,
-                data=data_fingerprint(tokens, os.path.join(cfg.data_dir, f'{cfg.split}.bin')),
-                ids_dtype='uint16' if V <= 65536 else 'int32', complete=False, seqs_done=0, entries=0,
+                data=data_fingerprint(tokens, os.path.join(cfg.data_dir, f'{cfg.split}.bin'), env),
+                ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
+                complete=False, seqs_done=0, entries=0,
                 **(dict(rounds=cfg.rounds, sampler=cfg.sampler) if cfg.method == 'rs' else dict(k=cfg.k)))
     meta_path = os.path.join(cfg.cache_dir, 'meta.json')
     if os.path.exists(meta_path):  # every rank checks, so that all stop together on a mismatch
@@ -512,6 +574,7 @@ def run_cache(cfg, env):
                 die(f"{cfg.cache_dir} holds a cache made with a different {key} ({a} vs now {b}): use another "
                     f"--cache_dir, or delete it to start over")
         if old['complete']:
+            cache_memmaps(cfg.cache_dir, old)
             if env.master:
                 print(f"{cfg.cache_dir} is complete ({S} sequences): nothing to do")
             return None
@@ -580,7 +643,7 @@ def run_cache(cfg, env):
     return tok_s
 
 
-def open_cache(cfg, loss, tokens, V):
+def open_cache(cfg, loss, tokens, V, env):
     """Check a cache against this run and return (meta, targets) where targets(seqs) gives the batch's
     padded (B, T, K) ids and weights, read from the memory-mapped files: only those sequences' rows."""
     meta = read_cache_meta(cfg.cache_dir)
@@ -594,16 +657,11 @@ def open_cache(cfg, loss, tokens, V):
         die(f"{cfg.cache_dir} was made with block_size {meta['block_size']}, this run uses {T}: pass --block_size {meta['block_size']}")
     if meta['vocab_size'] != V or meta['split'] != 'train':
         die(f"{cfg.cache_dir} holds {meta['split']} targets over {meta['vocab_size']} tokens, not train over {V}: {fix}")
-    data = data_fingerprint(tokens, os.path.join(cfg.data_dir, 'train.bin'))
+    data = data_fingerprint(tokens, os.path.join(cfg.data_dir, 'train.bin'), env)
     if (meta['data']['n_tokens'], meta['data']['sha256']) != (data['n_tokens'], data['sha256']):
         die(f"{cfg.cache_dir} was made from other training data ({meta['data']['n_tokens']:,} tokens of "
             f"{meta['data']['path']}, this run uses {data['n_tokens']:,}; check --data_dir and --max_seqs): {fix}")
-    mm = {}
-    for name, (dt, n) in cache_files(meta).items():
-        path = os.path.join(cfg.cache_dir, f'{name}.bin')
-        if not os.path.exists(path) or os.path.getsize(path) != n * np.dtype(dt).itemsize:
-            die(f"{path} does not have the size {cfg.cache_dir}/meta.json gives: the cache is damaged; {fix}")
-        mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,))
+    mm = cache_memmaps(cfg.cache_dir, meta)
 
     def targets(seqs):
         if meta['method'] == 'topk':
@@ -611,22 +669,25 @@ def open_cache(cfg, loss, tokens, V):
             rows = [slice(s * T * K, (s + 1) * T * K) for s in seqs]
             ids = torch.from_numpy(np.stack([mm['ids'][r] for r in rows]).astype(np.int64))
             w = torch.from_numpy(np.stack([mm['probs'][r] for r in rows]).astype(np.float32))
-            return ids.view(len(seqs), T, K), w.view(len(seqs), T, K)
-        lo, hi = mm['seq_offsets'][seqs], mm['seq_offsets'][np.asarray(seqs) + 1]
-        lengths = torch.from_numpy(np.concatenate([mm['lengths'][s * T:(s + 1) * T] for s in seqs]))
-        ids = torch.from_numpy(np.concatenate([mm['ids'][a:b] for a, b in zip(lo, hi)]).astype(np.int64))
-        counts = torch.from_numpy(np.concatenate([mm['counts'][a:b] for a, b in zip(lo, hi)]))
-        ids, w = pad_rows(lengths, ids, counts.float() / meta['rounds'])
-        return ids.view(len(seqs), T, -1), w.view(len(seqs), T, -1)
+        else:
+            lo, hi = mm['seq_offsets'][seqs], mm['seq_offsets'][np.asarray(seqs) + 1]
+            lengths = torch.from_numpy(np.concatenate([mm['lengths'][s * T:(s + 1) * T] for s in seqs]))
+            ids = torch.from_numpy(np.concatenate([mm['ids'][a:b] for a, b in zip(lo, hi)]).astype(np.int64))
+            counts = torch.from_numpy(np.concatenate([mm['counts'][a:b] for a, b in zip(lo, hi)]))
+            ids, w = pad_rows(lengths, ids, counts.float() / meta['rounds'])
+        if env.type == 'cuda':  # copied while the GPU is busy with the previous step
+            ids, w = ids.pin_memory(), w.pin_memory()
+        return tuple(t.view(len(seqs), T, -1).to(env.device, non_blocking=True) for t in (ids, w))
     return meta, targets
 
 # -----------------------------------------------------------------------------
 # teacher and train modes: one training loop, cross-entropy or distillation
 
 
-def make_loss(loss, cfg, env, teacher=None, targets=None):
-    """loss_fn(logits, x, y, seqs) -> the scalar to minimise for this run's --loss."""
-    def loss_fn(logits, x, y, seqs):
+def make_loss(loss, cfg, env, teacher=None):
+    """loss_fn(logits, x, y, (ids, w)) -> the scalar to minimise for this run's --loss; (ids, w) are the
+    batch's sparse targets from the cache (rskd, topk)."""
+    def loss_fn(logits, x, y, sparse):
         if loss == 'ce':
             return ce_loss(logits, y)
         if loss == 'fullkd':  # the teacher runs online on the same batch, frozen, under the same autocast
@@ -634,16 +695,17 @@ def make_loss(loss, cfg, env, teacher=None, targets=None):
                 teacher_logits = teacher(x)
             kd = full_kd_loss(logits, teacher_logits)
         else:
-            ids, w = (t.to(env.device, non_blocking=True) for t in targets(seqs))
-            kd = ghost_kd_loss(logits, ids, w) if loss == 'topk' and cfg.topk_tail == 'ghost' else sparse_kd_loss(logits, ids, w)
+            ids, w = sparse
+            ghost = loss == 'topk' and cfg.topk_tail == 'ghost'
+            kd = ghost_kd_loss(logits, ids, w) if ghost else sparse_kd_loss(logits, ids, w)
         return kd + cfg.alpha * ce_loss(logits, y) if cfg.alpha else kd
     return loss_fn
 
 
 def run_train(cfg, env, ckpt=None):
     loss_name = 'ce' if cfg.mode == 'teacher' else cfg.loss
-    tokens, S, V = load_split(cfg, 'train', cfg.max_seqs)
-    val, S_val, _ = load_split(cfg, 'val')
+    tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
+    val, S_val, _ = load_split(cfg, 'val', env)
     T, B = cfg.block_size, cfg.batch_size
     if cfg.gradient_accumulation_steps % env.world:
         die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple of the "
@@ -653,18 +715,19 @@ def run_train(cfg, env, ckpt=None):
         die(f"one step takes {B * cfg.gradient_accumulation_steps} sequences, the data has {S} of {T} tokens: "
             f"use a smaller --batch_size or --gradient_accumulation_steps")
     # the teacher: needed by fullkd; for the other losses it only feeds the kl_teacher/spec_accept metrics
-    teacher, targets, teacher_name = None, None, None
+    teacher, targets, names = None, None, []
     if loss_name in ('rskd', 'topk'):
-        cache_meta, targets = open_cache(cfg, loss_name, tokens, V)
-        teacher_name = cache_meta['teacher']['name']
+        cache_meta, targets = open_cache(cfg, loss_name, tokens, V, env)
+        names = [cache_meta['teacher']['name'], cfg.teacher]  # where the cache came from, else --teacher
     elif cfg.mode == 'train':
-        teacher_name = cfg.teacher
-    if teacher_name and (loss_name == 'fullkd' or os.path.exists(teacher_name) or teacher_name in HF_TEACHERS):
-        teacher, info = load_teacher(teacher_name, V, T, env)
+        names = [cfg.teacher]
+    found = [n for n in names if n in HF_TEACHERS or os.path.exists(n)]
+    if found or loss_name == 'fullkd':
+        teacher, info = load_teacher((found or names)[0], V, T, env)
         if targets and info['sha256'] != cache_meta['teacher']['sha256']:
-            die(f"teacher {teacher_name} has changed since {cfg.cache_dir} was made from it: remake the cache")
-    elif teacher_name and env.master:
-        print(f"note: teacher {teacher_name} not found, so no kl_teacher/spec_accept metrics")
+            die(f"teacher {info['name']} is not the one {cfg.cache_dir} was made from: pass that one with --teacher")
+    elif names and env.master:
+        print(f"note: teacher {names[-1]} not found, so no kl_teacher/spec_accept metrics")
 
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
@@ -686,7 +749,7 @@ def run_train(cfg, env, ckpt=None):
     if env.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(model, device_ids=[torch.device(env.device).index] if env.type == 'cuda' else None)
-    loss_fn = make_loss(loss_name, cfg, env, teacher, targets)
+    loss_fn = make_loss(loss_name, cfg, env, teacher)
     val_seqs = np.unique(np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val)).round().astype(int)).tolist()
     ckpt_path, metrics_path = os.path.join(cfg.out_dir, 'ckpt.pt'), os.path.join(cfg.out_dir, 'metrics.jsonl')
     if env.master:
@@ -702,16 +765,20 @@ def run_train(cfg, env, ckpt=None):
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state(),
                      iter_num=it, seqs_seen=it * B * cfg.gradient_accumulation_steps,
                      best_val_loss=best_val_loss, config=asdict(cfg))
-        save_atomic(lambda tmp: torch.save(state, tmp), ckpt_path)
+        save_atomic(lambda f: torch.save(state, f), ckpt_path)
 
-    stop = []  # Ctrl-C asks the loop to finish its step, save and exit; a second Ctrl-C kills as usual
-    prev_handler = signal.signal(signal.SIGINT, lambda *_: (stop.append(1), signal.signal(signal.SIGINT, prev_handler)))
+    stop = []  # Ctrl-C (or a SIGTERM) asks the loop to finish its step, save and exit; a second one kills
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in handlers:
+        signal.signal(sig, lambda sig, frame: (stop.append(1), signal.signal(sig, handlers[sig])))
     lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
     start, train_time, train_tokens, lossf, m = it, 0.0, 0, None, {}
     try:
         while True:
-            if it == cfg.max_iters or (it % cfg.eval_interval == 0 and not (ckpt and it == start)):
+            if (it == cfg.max_iters or it % cfg.eval_interval == 0) and not (ckpt and it == start):
                 m = evaluate(model, teacher, val, val_seqs, cfg, env)
+                if not math.isfinite(m['val_loss']):
+                    die(f"the val loss is {m['val_loss']} at iter {it}: not saved, {ckpt_path} holds the last good state")
                 if env.master:
                     best_val_loss = min(best_val_loss, m['val_loss'])
                     save(it)  # first the checkpoint, then the line that reports it
@@ -745,23 +812,25 @@ def run_train(cfg, env, ckpt=None):
                 n = (it * G + micro) * env.world + env.rank  # this micro-batch's number, counted over all ranks
                 seqs = draw_seqs(S, cfg.seed, n * B, B)
                 x, y = get_batch(tokens, seqs, T, env)
+                sparse = targets(seqs) if targets else None
                 if env.ddp:  # sync gradients only on the last micro-step (set before the forward pass)
                     train_model.require_backward_grad_sync = micro == G - 1
                 with env.ctx:
                     logits = train_model(x)  # (B, T, V)
-                loss = loss_fn(logits, x, y, seqs) / G
+                loss = loss_fn(logits, x, y, sparse) / G
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             if env.ddp:  # the mean over ranks (gloo has no AVG)
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world
-            lossf = loss_sum.item()
-            if not math.isfinite(lossf):  # never step on a NaN: the last checkpoint stays the last good state
-                die(f"the loss became {lossf} at iter {it}; stopped before the update, {ckpt_path} holds the last good "
-                    f"state. Lower --learning_rate or check the data and cache")
-            if cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip or float('inf'))
+            lossf, grad_normf = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()  # one sync
+            # never step on a NaN (fp16's GradScaler skips overflowed steps by itself): stop, the last
+            # checkpoint stays the last good state
+            if not math.isfinite(lossf) or (not scaler.is_enabled() and not math.isfinite(grad_normf)):
+                die(f"the loss became {lossf} (gradient norm {grad_normf}) at iter {it}; stopped before the update, "
+                    f"{ckpt_path} holds the last good state. Lower --learning_rate or check the data and cache")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -780,7 +849,8 @@ def run_train(cfg, env, ckpt=None):
                 print(f"iter {it}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
                       f"{tok_s:,.0f} tok/s{mfu}, ETA {eta:.0f}s", flush=True)
     finally:
-        signal.signal(signal.SIGINT, prev_handler)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if env.master and m:
         print(f"done: {cfg.out_dir} " + ', '.join(f"{k} {v:.4f}" for k, v in m.items() if k != 'reliability') +
               (f", train {train_tokens / train_time:,.0f} tok/s" if train_time else ''))
@@ -790,7 +860,7 @@ def run_train(cfg, env, ckpt=None):
 
 
 def run_bench(cfg, env):
-    tokens, S, V = load_split(cfg, 'train')
+    tokens, S, V = load_split(cfg, 'train', env)
     T, B = cfg.block_size, cfg.batch_size
     teacher, _ = load_teacher(cfg.teacher, V, T, env)
     n = min(S, 4 * B)  # the sequences that the caching runs cover
@@ -877,19 +947,19 @@ def run_bench(cfg, env):
     teacher_c = torch.compile(teacher) if env.compile else teacher
     optimizer = student.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     vanilla = replace(cfg, topk_tail='none', alpha=0.0, max_seqs=n)
-    losses = dict(ce=make_loss('ce', vanilla, env),
-                  rskd=make_loss('rskd', vanilla, env, targets=open_cache(replace(vanilla, cache_dir=caches['rs']), 'rskd', tokens[:n * T + 1], V)[1]),
-                  topk=make_loss('topk', vanilla, env, targets=open_cache(replace(vanilla, cache_dir=caches['topk']), 'topk', tokens[:n * T + 1], V)[1]),
-                  fullkd=make_loss('fullkd', vanilla, env, teacher=teacher_c))
-    times, mem, names = {k: [] for k in losses}, {k: 0 for k in losses}, list(losses)
+    readers = {loss: open_cache(replace(vanilla, cache_dir=caches[m]), loss, tokens[:n * T + 1], V, env)[1]
+               for loss, m in (('rskd', 'rs'), ('topk', 'topk'))}
+    names = ['ce', 'rskd', 'topk', 'fullkd']
+    losses = {k: make_loss(k, vanilla, env, teacher_c) for k in names}
+    times, mem = {k: [] for k in names}, {k: 0 for k in names}
     for rep in range(8):  # the order rotates each round, so no method always follows the same one
         for name in names[rep % 4:] + names[:rep % 4]:
-            loss_fn = losses[name]
             base = peak_memory_reset(env)
             t0 = time.time()
+            sparse = readers[name](seqs) if name in readers else None  # the batch's cache rows, as in training
             with env.ctx:
                 logits = model(x)
-            loss_fn(logits, x, y, seqs).backward()
+            losses[name](logits, x, y, sparse).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del logits
@@ -958,8 +1028,14 @@ def main(argv=None):
         if args.get('resume'):  # the saved run's config, then whatever this command line changes
             ckpt = load_checkpoint(ckpt_path)
             base.update({k: v for k, v in ckpt['config'].items() if k in Config.__dataclass_fields__})
+            changed = [k for k in RESUME_FIXED if k in args and args[k] != base.get(k)]
+            if changed:
+                die(f"a resumed run keeps its {', '.join(changed)}: drop them from the command line")
         elif os.path.exists(ckpt_path):
             die(f"{ckpt_path} already exists: continue it with --resume true, or use another --out_dir")
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
+        args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
     cfg = Config(**{**base, **args})
     check_config(cfg)
     env = setup(cfg)

@@ -270,6 +270,17 @@ def test_rs_ids_are_unique_ascending_and_in_vocab():
             assert (row[1:] > row[:-1]).all() and row.max() < V
 
 
+def test_rs_draws_tiny_probabilities_at_their_rate():
+    # 50,256 tokens of probability 1e-8 each behind one token of 0.9995: a float32 CDF rounds every one of
+    # their intervals to nothing (1e-8 is below half a float32 step at 1.0), so they would never be drawn
+    V_big, M, N = 50257, 1000, 2000
+    p = torch.full((V_big,), 0.0005 / (V_big - 1))
+    p[0] = 0.9995
+    draws = rskd.sample_draws(p.expand(1, M, V_big).contiguous(), N, [torch.Generator().manual_seed(0)])
+    tail, expected = (draws > 0).sum().item(), M * N * 0.0005  # 1000 expected
+    assert abs(tail - expected) < 5 * math.sqrt(expected), tail
+
+
 def read_rs_cache_with_numpy(d, seq):
     """The README's cache format, read with numpy alone: sequence seq's dense (T, V) target counts/rounds."""
     meta = json.load(open(os.path.join(d, 'meta.json')))
@@ -299,8 +310,9 @@ def test_cache_files_follow_the_format(caches, data):
     assert len(lengths) == S * T and lengths.sum() == len(ids) == len(counts) == meta['entries'] == offsets[-1]
     assert (np.add.reduceat(counts.astype(int), np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)) == 50).all()
     assert ids.max() < V and (offsets[1:] - offsets[:-1] == lengths.reshape(S, T).sum(1)).all()
-    _, targets = rskd.open_cache(rskd.Config(data_dir=data, cache_dir=d, block_size=16), 'rskd',
-                                 rskd.load_split(rskd.Config(data_dir=data, block_size=16), 'train')[0], V)
+    cfg = rskd.Config(data_dir=data, cache_dir=d, block_size=16, device='cpu')
+    env = rskd.setup(cfg)
+    _, targets = rskd.open_cache(cfg, 'rskd', rskd.load_split(cfg, 'train', env)[0], V, env)
     for seq in (0, 7, S - 1):
         ids_, w = targets([seq])
         ours = torch.zeros(T, V).scatter_add_(1, ids_[0], w[0]).numpy()
@@ -407,6 +419,12 @@ def test_ghost_loss_matches_float64():
     ids = torch.arange(5).view(1, 1, 5)
     ours, ref = rskd.ghost_kd_loss(logits, ids, t).item(), ghost_float64(logits, ids, t).item()
     assert abs(ours - ref) < 1e-5 * max(1, abs(ref)), (ours, ref)
+    # K = V: an empty tail, and the loss is full KD
+    logits = torch.randn(1, 2, V, requires_grad=True)
+    t_logits = torch.randn(1, 2, V)
+    ghost = rskd.ghost_kd_loss(logits, torch.arange(V).expand(1, 2, V), torch.softmax(t_logits, -1))
+    g, = torch.autograd.grad(ghost, logits)
+    assert torch.isfinite(g).all() and abs(ghost.item() - rskd.full_kd_loss(logits, t_logits).item()) < 1e-5
 
 
 class FixedLogits(torch.nn.Module):
@@ -486,9 +504,9 @@ def test_ddp_cache_equals_single_process(tmp_path, data, teacher, caches):
 
 def test_ddp_training_matches_single_process(tmp_path, data, caches):
     common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 4,
-              '--eval_interval', 4, '--gradient_accumulation_steps', 2]
-    run(*common, '--out_dir', tmp_path / 'one')
-    torchrun(2, *common, '--out_dir', tmp_path / 'two')
+              '--eval_interval', 4]
+    run(*common, '--out_dir', tmp_path / 'one', '--gradient_accumulation_steps', 2)
+    torchrun(2, *common, '--out_dir', tmp_path / 'two')  # under torchrun the default is one micro-step per rank
     one, two = final_weights(tmp_path / 'one'), final_weights(tmp_path / 'two')
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     m1, m2 = (json.loads(open(tmp_path / d / 'metrics.jsonl').readlines()[-1]) for d in ('one', 'two'))
@@ -564,7 +582,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'data meta missing field': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', eot=None))], "missing fields ['eot']"),
         'data meta wrong type': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', train_tokens='20000'))], "'train_tokens' should be int"),
         'missing cache': (lambda: [*train, '--cache_dir', f'{tmp}/none'], 'no cache in'),
-        'incomplete cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', complete=False))], 'incomplete'),
+        'incomplete cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', complete=False, seqs_done=8))], 'incomplete (8/'),
         'cache of other data': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: set_token(d, 7))], 'other training data'),
         'cache of other block_size': (lambda: [*train, '--cache_dir', caches['rs'], '--block_size', 8], 'pass --block_size 16'),
         'cache of other vocab': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', vocab_size=101))], 'over 97 tokens, not train over 101'),
@@ -583,8 +601,10 @@ def bad_inputs(tmp, data, teacher, caches):
         'unknown loss': (lambda: [*train, '--loss', 'mse'], "invalid choice: 'mse'"),
         'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
         'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
-        'non-finite loss': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'the loss became nan at iter 0'),
+        'non-finite loss': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'the loss became nan'),
         'resume without checkpoint': (lambda: [*train, '--resume', 'true'], 'ckpt.pt not found'),
+        'resume with another batch_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--batch_size', 8])[1],
+                                           'a resumed run keeps its batch_size'),
     }
 
 
@@ -669,7 +689,15 @@ def enospc_on_call(n, real):
 
 
 def test_disk_full_while_checkpointing(tmp_path, data, caches, capsys, monkeypatch):
-    monkeypatch.setattr(torch, 'save', enospc_on_call(2, torch.save))
+    saves = [0]
+
+    def open_full(path, mode='r', *a, **k):  # the 2nd checkpoint's temp file lands on a full "disk"
+        if str(path).endswith('ckpt.pt.tmp'):
+            saves[0] += 1
+            if saves[0] == 2:
+                return open('/dev/full', mode)
+        return open(path, mode, *a, **k)
+    monkeypatch.setattr(rskd, 'open', open_full, raising=False)
     assert 'disk is full' in fail(capsys, *train_args(data, caches, tmp_path))
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 0  # the previous one, intact
     assert not os.path.exists(tmp_path / 'ckpt.pt.tmp')
@@ -678,7 +706,7 @@ def test_disk_full_while_checkpointing(tmp_path, data, caches, capsys, monkeypat
 def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, capsys, monkeypatch):
     args = cache_args(data, teacher, tmp_path / 'c')
     with monkeypatch.context() as m:
-        m.setattr(os, 'fsync', enospc_on_call(8, os.fsync))
+        m.setattr(os, 'fsync', enospc_on_call(10, os.fsync))  # the 2nd chunk's data files
         assert 'No space left on device' in fail(capsys, *args)  # the data files' fsync, not meta.json's
     meta = json.load(open(tmp_path / 'c' / 'meta.json'))
     assert not meta['complete'] and meta['seqs_done'] > 0
