@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import sysconfig
 import time
@@ -21,6 +22,11 @@ import time
 import numpy as np
 
 EXTENSIONS = ('.txt', '.md', '.py', '.jsonl')
+PIECE = 1 << 22  # big files are read ~4M characters at a time
+# the end of the last non-space character that a space or newline follows: GPT-2's pre-tokenizer always
+# splits there (none of its patterns runs from non-space into space), so text cut at that point
+# tokenizes to exactly the same tokens as the whole
+CUT = re.compile(r'(?s:.*)\S(?=[ \n])')
 
 
 def die(msg):
@@ -43,18 +49,28 @@ def list_files(paths, extensions=EXTENSIONS):
 
 
 def documents(files):
+    """(text, last) pairs: each non-blank document in pieces, last=True on its final piece. A .jsonl line
+    is one piece; a file is cut into pieces of about PIECE characters (at CUT), so memory stays bounded."""
     for path in files:
         if path.endswith('.jsonl'):
             with open(path, encoding='utf-8') as f:
                 for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            yield json.loads(line)['text']
-                        except (ValueError, KeyError, TypeError):
-                            die(f"{path}:{lineno} is not a JSON object with a \"text\" field")
-        else:
-            with open(path, encoding='utf-8', errors='replace') as f:  # a few stdlib files are latin-1
-                yield f.read()
+                    try:
+                        text = json.loads(line)['text'] if line.strip() else ''
+                    except (ValueError, KeyError, TypeError):
+                        die(f"{path}:{lineno} is not a JSON object with a \"text\" field")
+                    if text.strip():
+                        yield text, True
+            continue
+        with open(path, encoding='utf-8', errors='replace') as f:  # a few stdlib files are latin-1
+            text, started = f.read(PIECE), False
+            while more := f.read(PIECE):
+                cut = CUT.match(text)
+                cut = cut.end() if cut else len(text)
+                yield text[:cut], False
+                text, started = text[cut:] + more, True
+            if started or text.strip():  # a blank file would be a lone EOT
+                yield text, True
 
 
 def load_tokenizer():
@@ -90,12 +106,13 @@ def main(argv=None):
     def flush(batch):
         nonlocal done_bytes
         # encode_ordinary: special tokens in the text are plain text; we add EOT ourselves
-        for text, tokens in zip(batch, enc.encode_ordinary_batch(batch, num_threads=os.cpu_count())):
+        texts = [text for text, last in batch]
+        for (text, last), tokens in zip(batch, enc.encode_ordinary_batch(texts, num_threads=os.cpu_count())):
             i = n_docs['train'] + n_docs['val']  # this document's index in the corpus
             split = 'val' if math.ceil((i + 1) * args.val_fraction) > math.ceil(i * args.val_fraction) else 'train'
-            out[split].write(np.array(tokens + [enc.eot_token], dtype=np.uint16).tobytes())
-            n_tokens[split] += len(tokens) + 1
-            n_docs[split] += 1
+            out[split].write(np.array(tokens + [enc.eot_token] * last, dtype=np.uint16).tobytes())
+            n_tokens[split] += len(tokens) + last
+            n_docs[split] += last
             done_bytes += len(text)
         dt = time.time() - t0
         tok = n_tokens['train'] + n_tokens['val']
@@ -104,10 +121,8 @@ def main(argv=None):
               f"{tok:,} tokens {tok / dt:,.0f} tok/s ETA {eta:.0f}s", end='', flush=True)
 
     batch, batch_chars = [], 0
-    for text in documents(files):
-        if not text.strip():
-            continue  # an empty document would be a lone EOT
-        batch.append(text)
+    for text, last in documents(files):
+        batch.append((text, last))
         batch_chars += len(text)
         if batch_chars > 4_000_000:  # ~4 MB of text per batch keeps memory bounded
             flush(batch)

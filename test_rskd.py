@@ -125,6 +125,21 @@ def test_prepare_data_round_trip(tmp_path):
     assert meta['vocab_size'] == 50257 and meta['eot'] == 50256 and meta['tokenizer'] == 'gpt2'
 
 
+def test_prepare_data_big_file_in_pieces(tmp_path, monkeypatch):
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    rng = np.random.default_rng(0)
+    words = ['def', ' f(x):', '\n', '\n\n', '    ', 'return', ' ', '  ', '\t', 'héllo', '123', '!!', ' \n', "'s"]
+    text = ''.join(rng.choice(words, size=20000))
+    (tmp_path / 'big.txt').write_text(text)
+    (tmp_path / 'small.txt').write_text('a second document')
+    monkeypatch.setattr(prepare_data, 'PIECE', 500)  # ~200 pieces instead of one read
+    prepare_data.main(['--input', str(tmp_path / 'big.txt'), str(tmp_path / 'small.txt'), '--out', str(tmp_path / 'o'),
+                       '--val_fraction', '0.5'])
+    val = np.fromfile(tmp_path / 'o' / 'val.bin', dtype=np.uint16).tolist()
+    assert val == enc.encode_ordinary(text) + [enc.eot_token]  # exactly the whole file's tokens
+
+
 def test_prepare_data_errors(tmp_path, capsys, monkeypatch):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
