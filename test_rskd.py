@@ -671,7 +671,6 @@ def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
     args = [str(a) for a in train_args(data, caches, tmp_path / 'int')]
     # Ctrl-C while drawing the 6th batch: the step finishes, a checkpoint is saved at iter 6, exit 0
     script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})").replace('signal.SIGKILL', 'signal.SIGINT')
-    script = script.replace("import importlib", "import importlib, rskd")
     p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0 and 'interrupted: saved' in p.stdout and '--resume true' in p.stdout, p.stdout + p.stderr
     assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 6
@@ -733,36 +732,41 @@ def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, ca
 
 @pytest.mark.skipif(not os.environ.get('RSKD_SOAK'), reason="set RSKD_SOAK=1 to run the kill-and-resume soak test")
 def test_soak_random_kills(tmp_path):
-    """The quick-start pipeline (scaled by RSKD_SOAK_SCALE) under random SIGKILLs, resumed until done; the
-    cache must be byte-identical to an uninterrupted one and the student's weights equal."""
+    """The quick-start pipeline under random SIGKILLs, each step rerun (with --resume true once it has a
+    checkpoint) until it completes; then the same pipeline without kills. The data and the cache must be
+    byte-identical and the student's weights equal. prepare_data runs on its default corpus; the models
+    run on a synthetic corpus (RSKD_SOAK_SCALE sizes it) to keep this to minutes on a CPU."""
     import random
-    import time
     rng = random.Random(int(os.environ.get('RSKD_SOAK_SEED', 0)))
     scale = float(os.environ.get('RSKD_SOAK_SCALE', 1))
-    data = write_data(tmp_path / 'data', n_train=int(40000 * scale))
-    steps = [['--mode', 'teacher', '--out_dir', 'teacher', '--n_layer', 2, '--n_embd', 32, '--max_iters', int(200 * scale), '--eval_interval', 50],
-             ['--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache'],
-             ['--mode', 'train', '--cache_dir', 'cache', '--teacher', 'teacher/ckpt.pt', '--out_dir', 'student', '--max_iters', int(200 * scale), '--eval_interval', 50]]
+    data = write_data(tmp_path / 'data', n_train=int(200000 * scale))
+    model = ['--n_layer', 2, '--n_embd', 64, '--batch_size', 16, '--block_size', 32]
+    iters = ['--max_iters', int(1500 * scale), '--eval_interval', int(300 * scale)]
+    steps = [[os.path.join(HERE, 'prepare_data.py'), '--out', 'prepared'],
+             [os.path.join(HERE, 'rskd.py'), '--mode', 'teacher', '--out_dir', 'teacher', *model, *iters],
+             [os.path.join(HERE, 'rskd.py'), '--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache', *model],
+             [os.path.join(HERE, 'rskd.py'), '--mode', 'train', '--cache_dir', 'cache', '--out_dir', 'student',
+              *model, '--n_layer', 1, '--n_embd', 32, *iters]]
     kills = 0
-    for root, kill in (('clean', False), ('killed', True)):
+    for root, kill in (('killed', True), ('clean', False)):
         os.makedirs(tmp_path / root)
         for step in steps:
-            argv = [sys.executable, os.path.join(HERE, 'rskd.py'), '--data_dir', data, *TINY, *map(str, step)]
-            first = True
+            argv = [sys.executable, *map(str, step)] + (['--data_dir', data, '--device', 'cpu'] if 'rskd.py' in step[0] else [])
+            out_dir = next((step[i + 1] for i, a in enumerate(step) if a == '--out_dir'), None)
             while True:
-                resume = ['--resume', 'true'] if step[1] != 'cache' and not first else []
+                resume = ['--resume', 'true'] if out_dir and os.path.exists(tmp_path / root / out_dir / 'ckpt.pt') else []
                 p = subprocess.Popen(argv + resume, cwd=tmp_path / root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 try:
-                    p.wait(timeout=rng.uniform(2, 8) if kill else None)
+                    p.wait(timeout=rng.uniform(1, 6) if kill else None)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
                     kills += 1
-                    first = first and not os.path.exists(tmp_path / root / step[3] / 'ckpt.pt')
                     continue
                 assert p.returncode == 0, p.stderr.read().decode()
                 break
-    print(f"soak: survived {kills} kills")
-    assert files_of(tmp_path / 'clean' / 'cache') == files_of(tmp_path / 'killed' / 'cache')
+    print(f"soak: the pipeline survived {kills} SIGKILLs")
+    for d in ('prepared', 'cache'):
+        assert files_of(tmp_path / 'clean' / d) == files_of(tmp_path / 'killed' / d)
     a, b = final_weights(tmp_path / 'clean' / 'student'), final_weights(tmp_path / 'killed' / 'student')
     assert all(torch.equal(a[k], b[k]) for k in a)
