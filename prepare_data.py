@@ -53,12 +53,14 @@ def documents(files):
     is one piece; a file is cut into pieces of about PIECE characters (at CUT), so memory stays bounded."""
     for path in files:
         if path.endswith('.jsonl'):
-            with open(path, encoding='utf-8') as f:
+            with open(path, encoding='utf-8', errors='replace') as f:
                 for lineno, line in enumerate(f, 1):
                     try:
                         text = json.loads(line)['text'] if line.strip() else ''
                     except (ValueError, KeyError, TypeError):
-                        die(f"{path}:{lineno} is not a JSON object with a \"text\" field")
+                        text = None
+                    if not isinstance(text, str):
+                        die(f"{path}:{lineno} is not a JSON object with a \"text\" string")
                     if text.strip():
                         yield text, True
             continue

@@ -21,6 +21,7 @@ import argparse
 import errno
 import functools
 import hashlib
+import importlib.util
 import inspect
 import json
 import math
@@ -77,7 +78,7 @@ class Config:
     rounds: int = 50                 # RS draws per position, 1..255
     k: int = 12                      # Top-K entries per position
     split: str = 'train'             # train | val: the split --mode cache runs over
-    device: str = 'auto'             # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    device: str = 'auto'             # auto (cuda if there is one, else cpu) | cpu | cuda | cuda:N
     dtype: str = 'auto'              # auto (bfloat16 on GPUs that have it, else float16; float32 on CPU) | ...
     compile: str = 'auto'            # auto (on for CUDA) | true | false: torch.compile the models
     seed: int = 1337                 # model init, data order and cache sampling all derive from it
@@ -92,7 +93,7 @@ CHOICES = dict(mode=('teacher', 'cache', 'train', 'bench'), loss=('rskd', 'topk'
                compile=('auto', 'true', 'false'))
 HF_TEACHERS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 # a resumed run must keep these, or its data order and model would silently change
-RESUME_FIXED = ('n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps',
+RESUME_FIXED = ('mode', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps',
                 'max_seqs', 'seed', 'loss', 'cache_dir')
 
 
@@ -116,6 +117,7 @@ def parse_args(argv):
     for f in fields(Config):
         extra = f" [teacher: {TEACHER[f.name]}]" if f.name in TEACHER else ""
         p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=None,
+                       **(dict(nargs='?', const=True) if f.type is bool else {}),  # --resume = --resume true
                        choices=CHOICES.get(f.name), metavar=f.type.__name__.upper(),
                        help=f"{comments[f.name]} (default: {f.default}){extra}")
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
@@ -130,8 +132,12 @@ def check_config(cfg):
             die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
-    if cfg.max_iters < 0 or cfg.max_seqs < 0 or cfg.alpha < 0:
-        die("--max_iters, --max_seqs and --alpha cannot be negative")
+    for name in ('max_iters', 'max_seqs', 'alpha', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
+                 'weight_decay', 'grad_clip'):
+        if getattr(cfg, name) < 0:
+            die(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
+        die(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device}")
 
 
 def read_json(path, schema, what):
@@ -169,8 +175,10 @@ def setup(cfg):
         env.device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
         if use_cuda:
             torch.cuda.set_device(env.device)
-    elif cfg.device == 'auto':
-        env.device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    elif cfg.device == 'auto':  # (not mps: it has no float64, which exact sampling and the metrics use)
+        env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    elif cfg.device.startswith('cuda') and torch.cuda.device_count() <= int(cfg.device[5:] or 0):
+        die(f"--device {cfg.device}, but this PyTorch sees {torch.cuda.device_count()} CUDA GPUs: use --device cpu")
     else:
         env.device = cfg.device
     env.master = env.rank == 0
@@ -303,6 +311,26 @@ def sample_draws(probs, rounds, gens, sampler='multinomial', block=16):
     return (blk * block + tok).sort(-1).values
 
 
+def top_k(probs, k, group=16):
+    """torch.topk(probs, k, dim=-1) as (values, ids), exact, a few times faster on CPU when k << V. Token j
+    is in group j % G (G = ceil(V / group), strided so the group maxima are one vectorised pass). The k
+    largest values lie in the k groups with the largest maxima: a token outside them is beaten by each of
+    those k maxima. So only k * group candidates are sorted. (Equal values may come out in another order.)"""
+    V = probs.shape[-1]
+    G = -(-V // group)
+    if k > G:
+        top = probs.topk(k, dim=-1)
+        return top.values, top.indices
+    q = V // G  # rows of the (q, G) view; the last V - q*G tokens join the first groups
+    gmax = probs[..., :q * G].unflatten(-1, (q, G)).amax(-2)
+    gmax[..., :V - q * G] = torch.maximum(gmax[..., :V - q * G], probs[..., q * G:])
+    groups = gmax.topk(k, dim=-1).indices  # (..., k)
+    cols = (groups.unsqueeze(-1) + G * torch.arange(q + 1, device=probs.device)).flatten(-2)  # their members
+    vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, -1)
+    top = vals.topk(k, dim=-1)
+    return top.values, cols.gather(-1, top.indices)
+
+
 def run_lengths(draws):
     """Sorted draws (..., N) -> (lengths, ids, counts): per row the number of distinct ids, then all rows'
     distinct ids (ascending within a row) with how often each was drawn, flattened row after row."""
@@ -346,7 +374,8 @@ def ghost_kd_loss(logits, ids, t):
     logp = logp_all.gather(-1, ids)
     # (the K slots get the most negative float, not -inf, so that an empty tail (K = V) stays finite)
     log_tail_p = torch.logsumexp(logp_all.scatter(-1, ids, torch.finfo(torch.float32).min), dim=-1)
-    tail_t = (1 - t.sum(-1)).clamp(min=0)
+    # K = V leaves no tail: whatever float16 rounding left of 1 - T_K is not mass
+    tail_t = (1 - t.sum(-1)).clamp(min=0) * (ids.shape[-1] < logits.shape[-1])
     return ((torch.xlogy(t, t) - t * logp).sum(-1) + torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p).mean()
 
 
@@ -454,6 +483,9 @@ def weights_sha256(model):
 def load_teacher(name, vocab_size, block_size, env):
     """A frozen teacher in eval mode, and {name, sha256 of its weights} to record in caches."""
     hf = name in HF_TEACHERS or os.path.isdir(name)
+    if os.path.isdir(name) and not os.path.exists(os.path.join(name, 'config.json')):
+        die(f"teacher {name} is a folder without config.json: pass a --mode teacher checkpoint file "
+            f"({os.path.join(name, 'ckpt.pt')}?) or a Hugging Face GPT-2 folder")
     if hf:
         try:
             import transformers  # only Hugging Face teachers need it
@@ -477,7 +509,10 @@ def load_teacher(name, vocab_size, block_size, env):
     if (shape.get('block_size') or 0) < block_size:
         die(f"teacher {name} has block_size {shape.get('block_size')}, shorter than --block_size {block_size}")
     if hf:
-        model = GPT.from_pretrained(name)
+        try:
+            model = GPT.from_pretrained(name)
+        except OSError as e:  # no network, or a folder without weights
+            die(f"could not load the weights of Hugging Face teacher {name}: {str(e).splitlines()[0]}")
     else:
         try:
             model = GPT(GPTConfig(**shape))
@@ -516,6 +551,8 @@ def read_cache_meta(cache_dir):
             method = json.load(f).get('method')
         except (ValueError, AttributeError):
             die(f"{path} is not valid JSON: delete {cache_dir} and rerun --mode cache")
+    if method not in METHOD_META:
+        die(f"{path} has method {method!r}, not rs or topk: delete {cache_dir} and rerun --mode cache")
     meta = read_json(path, {**CACHE_META, **METHOD_META.get(method, {})}, "rerun --mode cache")
     if not (meta['format'] == 'rskd-cache' and meta['version'] == 1 and meta['ids_dtype'] in ('uint16', 'int32')
             and 0 <= meta['seqs_done'] <= meta['num_seqs'] and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
@@ -545,8 +582,8 @@ def cache_batch(teacher, x, seqs, cfg, env):
     # faults than the softmax itself (CUDA's allocator reuses its memory)
     probs = torch.softmax(logits, -1, out=logits) if logits.device.type == 'cpu' else torch.softmax(logits, -1)
     if cfg.method == 'topk':
-        top = probs.topk(cfg.k, dim=-1)  # (B, T, k), descending, not renormalised over the K
-        return dict(ids=top.indices.cpu().numpy().reshape(-1), probs=top.values.half().cpu().numpy().reshape(-1))
+        values, ids = top_k(probs, cfg.k)  # (B, T, k), descending, not renormalised over the K
+        return dict(ids=ids.cpu().numpy().reshape(-1), probs=values.half().cpu().numpy().reshape(-1))
     gens = seq_generators(cfg.seed, seqs, env.device)
     lengths, ids, counts = run_lengths(sample_draws(probs, cfg.rounds, gens, cfg.sampler))
     return dict(lengths=lengths.cpu().numpy().reshape(-1), ids=ids.cpu().numpy(), counts=counts.cpu().numpy())
@@ -721,7 +758,8 @@ def run_train(cfg, env, ckpt=None):
         names = [cache_meta['teacher']['name'], cfg.teacher]  # where the cache came from, else --teacher
     elif cfg.mode == 'train':
         names = [cfg.teacher]
-    found = [n for n in names if n in HF_TEACHERS or os.path.exists(n)]
+    hf_ok = importlib.util.find_spec('transformers') is not None
+    found = [n for n in names if (n in HF_TEACHERS and hf_ok) or os.path.exists(n)]
     if found or loss_name == 'fullkd':
         teacher, info = load_teacher((found or names)[0], V, T, env)
         if targets and info['sha256'] != cache_meta['teacher']['sha256']:
@@ -862,6 +900,14 @@ def run_train(cfg, env, ckpt=None):
 def run_bench(cfg, env):
     tokens, S, V = load_split(cfg, 'train', env)
     T, B = cfg.block_size, cfg.batch_size
+    if B > S:
+        die(f"--batch_size {B} is more than the {S} sequences of {T} tokens in the data: use a smaller one")
+    # the gradient-fidelity student: OUT_DIR/ckpt.pt when there is one (a trained student, as in the paper)
+    student_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(student_path) if os.path.exists(student_path) else None
+    if ckpt and (ckpt['model_config']['vocab_size'] != V or ckpt['model_config']['block_size'] < T):
+        die(f"{student_path} is a student for vocab {ckpt['model_config']['vocab_size']} and block_size "
+            f"{ckpt['model_config']['block_size']}, this bench has {V} and {T}: use another --out_dir")
     teacher, _ = load_teacher(cfg.teacher, V, T, env)
     n = min(S, 4 * B)  # the sequences that the caching runs cover
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -889,15 +935,13 @@ def run_bench(cfg, env):
 
     # gradient fidelity on one batch: each sparse target's gradient vs full KD's, w.r.t. the student's
     # logits (where sampling noise is per position) and w.r.t. its weights (a sum over the batch's
-    # positions: independent noise averages out there, a bias does not). The student is OUT_DIR/ckpt.pt
-    # when there is one (a trained student, as in the paper), else a freshly initialised model.
+    # positions: independent noise averages out there, a bias does not). The student is the trained one
+    # from OUT_DIR/ckpt.pt, else a freshly initialised model.
     seqs = list(range(B))
     x, y = get_batch(tokens, seqs, T, env)
-    student_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     torch.manual_seed(cfg.seed)
     student = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
-    if os.path.exists(student_path):
-        ckpt = load_checkpoint(student_path)
+    if ckpt:
         student = GPT(GPTConfig(**ckpt['model_config']))
         student.load_state_dict(ckpt['model'])
     student.to(env.device)
@@ -942,18 +986,20 @@ def run_bench(cfg, env):
             fidelity.setdefault(f'grad_norm_ratio_{wrt}', {})[name] = (g.norm() / g_full.norm()).item()
     del t_logits, s_logits, probs, variants
 
-    # training steps: one model, one batch, the methods interleaved (A B C D A B C D ...) so drift cancels
+    # training steps: one model, one batch, the methods interleaved (A B C D E A B C D E ...) so drift cancels
     model = torch.compile(student) if env.compile else student
     teacher_c = torch.compile(teacher) if env.compile else teacher
     optimizer = student.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     vanilla = replace(cfg, topk_tail='none', alpha=0.0, max_seqs=n)
     readers = {loss: open_cache(replace(vanilla, cache_dir=caches[m]), loss, tokens[:n * T + 1], V, env)[1]
                for loss, m in (('rskd', 'rs'), ('topk', 'topk'))}
-    names = ['ce', 'rskd', 'topk', 'fullkd']
-    losses = {k: make_loss(k, vanilla, env, teacher_c) for k in names}
+    readers['ghost'] = readers['topk']
+    names = ['ce', 'rskd', 'topk', 'ghost', 'fullkd']
+    losses = {k: make_loss(k, vanilla, env, teacher_c) for k in names if k != 'ghost'}
+    losses['ghost'] = make_loss('topk', replace(vanilla, topk_tail='ghost'), env, teacher_c)
     times, mem = {k: [] for k in names}, {k: 0 for k in names}
-    for rep in range(12):  # the order rotates each round, so no method always follows the same one
-        for name in names[rep % 4:] + names[:rep % 4]:
+    for rep in range(10):  # the order rotates each round, so no method always follows the same one
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             base = peak_memory_reset(env)
             t0 = time.time()
             sparse = readers[name](seqs) if name in readers else None  # the batch's cache rows, as in training
@@ -978,11 +1024,11 @@ def run_bench(cfg, env):
                cache_ratio_vs_fwd=dict(rs=speed['rs'] / speed['fwd'], topk=speed['topk'] / speed['fwd']),
                grad_angle_deg=fidelity['grad_angle_deg_logits'], grad_norm_ratio=fidelity['grad_norm_ratio_logits'],
                **fidelity, unique_per_position=unique, systematic_equal_storage_rounds=r_eq,
-               fidelity_student=student_path if os.path.exists(student_path) else 'random init')
+               fidelity_student=student_path if ckpt else 'random init')
     write_json(res, os.path.join(cfg.out_dir, 'bench.json'))
     print(f"\nbench on {res['device']} ({env.dtype}{', compiled' if env.compile else ''}), batch {B}x{T}")
     print(f"{'method':8} {'step ms':>9} {'vs ce':>6} {'tok/s':>8} {'peak MB':>8}   ({res['peak_mem_kind']})")
-    for k in losses:
+    for k in names:
         print(f"{k:8} {step_ms[k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} {mem[k] / 2**20:8.0f}")
     print(f"teacher forward {speed['fwd']:,.0f} tok/s; cache rs {speed['rs']:,.0f} tok/s "
           f"({res['cache_ratio_vs_fwd']['rs']:.2f}x), topk {speed['topk']:,.0f} tok/s ({res['cache_ratio_vs_fwd']['topk']:.2f}x)")
@@ -1034,6 +1080,8 @@ def main(argv=None):
         elif os.path.exists(ckpt_path):
             die(f"{ckpt_path} already exists: continue it with --resume true, or use another --out_dir")
     world = int(os.environ.get('WORLD_SIZE', 1))
+    if mode == 'bench' and 'RANK' in os.environ:
+        die("--mode bench measures one process: run it with python, not torchrun")
     if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
         args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
     cfg = Config(**{**base, **args})
@@ -1046,6 +1094,13 @@ def main(argv=None):
             run_cache(cfg, env)
         else:
             run_bench(cfg, env)
+    except KeyboardInterrupt:  # before training's own handler is set, or in cache mode
+        die("interrupted" + (": rerun the same command to resume the cache" if mode == 'cache' else ""))
+    except OSError as e:  # a full disk or a folder we may not write, anywhere not handled more precisely
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+            raise
+        die(f"{e.strerror}: {e.filename or 'writing ' + (cfg.cache_dir if mode == 'cache' else cfg.out_dir)}; "
+            f"fix that and rerun the same command (finished work is kept)")
     finally:
         if env.ddp:
             dist.destroy_process_group()

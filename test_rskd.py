@@ -153,6 +153,8 @@ def test_prepare_data_errors(tmp_path, capsys, monkeypatch):
     assert 'split is empty' in error('--input', tmp_path / 'one.txt', '--out', tmp_path / 'o')
     (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\nnot json\n')
     assert 'bad.jsonl:2 is not a JSON object' in error('--input', tmp_path / 'bad.jsonl', '--out', tmp_path / 'o')
+    (tmp_path / 'bad.jsonl').write_text('{"text": "fine"}\n{"text": 5}\n')
+    assert 'bad.jsonl:2 is not a JSON object' in error('--input', tmp_path / 'bad.jsonl', '--out', tmp_path / 'o')
     import tiktoken
 
     def offline(name):
@@ -161,16 +163,16 @@ def test_prepare_data_errors(tmp_path, capsys, monkeypatch):
     assert 'TIKTOKEN_CACHE_DIR' in error('--input', tmp_path / 'one.txt', '--out', tmp_path / 'o')
 
 
-def kill_script(target, n, code):
-    """Python that SIGKILLs itself on the n-th call of module.attr `target`, then runs `code`."""
+def kill_script(target, n, code, sig=signal.SIGKILL):
+    """Python that sends itself sig (SIGKILL) on the n-th call of module.attr `target`, then runs `code`."""
     return (f"import os, signal, sys\nsys.path.insert(0, {HERE!r})\nimport importlib\n"
             f"mod, attr = {target.rsplit('.', 1)!r}\nm = importlib.import_module(mod)\norig, calls = getattr(m, attr), [0]\n"
-            f"def hook(*a, **k):\n    calls[0] += 1\n    if calls[0] == {n}:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"def hook(*a, **k):\n    calls[0] += 1\n    if calls[0] == {n}:\n        os.kill(os.getpid(), {int(sig)})\n"
             f"    return orig(*a, **k)\nsetattr(m, attr, hook)\nimport rskd\n{code}\n")
 
 
 def run_killed(target, n, code, sig=signal.SIGKILL):
-    p = subprocess.run([sys.executable, '-c', kill_script(target, n, code)], capture_output=True, text=True, cwd=HERE)
+    p = subprocess.run([sys.executable, '-c', kill_script(target, n, code, sig)], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == -sig, p.stderr
     return p
 
@@ -285,6 +287,18 @@ def test_rs_ids_are_unique_ascending_and_in_vocab():
             assert (row[1:] > row[:-1]).all() and row.max() < V
 
 
+def test_grouped_top_k_equals_torch_topk():
+    torch.manual_seed(0)
+    for vocab in (V, 50257):  # V leaves partial groups; 50257 = 3142 groups of 16, the last 3127 with 15 + 1
+        probs = torch.softmax(torch.randn(2, 8, vocab) * 3, -1)
+        probs[0, 0, vocab - 5:] = torch.tensor([.5, .6, .7, .8, .9])  # the largest values in the tail tokens that join the first groups
+        for k in (1, 5, 12, 50, -(-vocab // 16), -(-vocab // 16) + 1, vocab):  # the last two: torch.topk
+            values, ids = rskd.top_k(probs, k)
+            assert torch.equal(values, probs.topk(k, dim=-1).values), (vocab, k)
+            # the ids hold those values, each id once (among equal values the order may differ)
+            assert torch.equal(probs.gather(-1, ids), values) and (ids.sort(-1).values.diff(dim=-1) > 0).all()
+
+
 def test_rs_draws_tiny_probabilities_at_their_rate():
     # 50,256 tokens of probability 1e-8 each behind one token of 0.9995: a float32 CDF rounds every one of
     # their intervals to nothing (1e-8 is below half a float32 step at 1.0), so they would never be drawn
@@ -337,6 +351,13 @@ def test_cache_files_follow_the_format(caches, data):
     probs = np.fromfile(os.path.join(caches['topk'], 'probs.bin'), dtype=np.float16).reshape(-1, tk['k'])
     assert probs.shape[0] == S * T and (np.diff(probs.astype(np.float32), axis=1) <= 0).all()
     assert (probs.astype(np.float32).sum(1) < 1.0 + 1e-2).all() and (probs.astype(np.float32).sum(1) < 0.999).any()
+    ids = np.fromfile(os.path.join(caches['topk'], 'ids.bin'), dtype=tk['ids_dtype']).reshape(-1, tk['k'])
+    cfg = rskd.Config(data_dir=data, cache_dir=caches['topk'], block_size=16, device='cpu')
+    _, targets = rskd.open_cache(cfg, 'topk', rskd.load_split(cfg, 'train', env)[0], V, env)
+    for seq in (0, S - 1):
+        ids_, w = targets([seq])
+        assert np.array_equal(ids_[0].numpy(), ids[seq * T:(seq + 1) * T])
+        assert np.array_equal(w[0].numpy(), probs[seq * T:(seq + 1) * T].astype(np.float32))
 
 
 def cache_args(data, teacher, d, *extra):
@@ -344,10 +365,11 @@ def cache_args(data, teacher, d, *extra):
 
 
 @pytest.mark.parametrize('where', ['rskd.cache_batch', 'rskd.write_json'])
-def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, where, capsys):
+def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches, where, capsys):
     ref, d = str(tmp_path / 'ref'), str(tmp_path / 'killed')
     args = cache_args(data, teacher, d, '--batch_size', 2)
     run(*cache_args(data, teacher, ref, '--batch_size', 2))
+    assert files_of(ref) == files_of(caches['rs'])  # chunks of 2 sequences or of 4: the same cache
     # killed during the 3rd chunk's sampling, or (write_json) after the 3rd chunk's data was written but
     # before meta.json recorded it: either way meta.json says 2 chunks and the rerun picks up from there
     run_killed(where, 3 if where == 'rskd.cache_batch' else 4, f"rskd.main({[str(a) for a in args]!r})")
@@ -360,6 +382,15 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, where,
     assert files_of(d) == files_of(ref)
     run(*args)  # a finished cache is never rewritten
     assert 'nothing to do' in capsys.readouterr().out and files_of(d) == files_of(ref)
+
+
+def test_ctrl_c_in_cache_mode_is_one_line_and_resumes(tmp_path, data, teacher, caches):
+    args = cache_args(data, teacher, str(tmp_path / 'c'))
+    p = subprocess.run([sys.executable, '-c', kill_script('rskd.cache_batch', 3, f"rskd.main({args!r})", signal.SIGINT)],
+                       capture_output=True, text=True, cwd=HERE)
+    assert p.returncode == 1 and p.stderr == "error: interrupted: rerun the same command to resume the cache\n", p.stderr
+    run(*args)
+    assert files_of(tmp_path / 'c') == files_of(caches['rs'])
 
 
 def test_cache_mismatch_is_refused(tmp_path, data, teacher, caches, capsys):
@@ -493,7 +524,7 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
     run('--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', tmp_path, *TINY)
     res = json.load(open(tmp_path / 'bench.json'))
     for key in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes'):
-        assert set(res[key]) == {'ce', 'rskd', 'topk', 'fullkd'} and all(v >= 0 for v in res[key].values())
+        assert set(res[key]) == {'ce', 'rskd', 'topk', 'ghost', 'fullkd'} and all(v >= 0 for v in res[key].values())
     assert all(v > 0 for v in res['step_ms'].values())
     assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == {'rs', 'topk'}
     r_eq = res['systematic_equal_storage_rounds']
@@ -504,28 +535,37 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
 # ----------------------------------------------------------------------------- scale out
 
 
-def torchrun(nproc, *argv):
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}',
-           os.path.join(HERE, 'rskd.py'), *[str(a) for a in argv]]
+def torchrun(nproc, *argv, script=os.path.join(HERE, 'rskd.py'), ok=True):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(script),
+           *[str(a) for a in argv]]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    assert p.returncode == 0, p.stdout + p.stderr
+    assert (p.returncode == 0) == ok, p.stdout + p.stderr
     return p
 
 
-def test_ddp_cache_equals_single_process(tmp_path, data, teacher, caches):
-    torchrun(2, *cache_args(data, teacher, tmp_path / 'rs'))
-    assert files_of(tmp_path / 'rs') == files_of(caches['rs'])
+def test_ddp_cache_killed_and_resumed_equals_single_process(tmp_path, data, teacher, caches):
+    d = tmp_path / 'rs'
+    dying = tmp_path / 'dying.py'  # rank 0 is SIGKILLed just before it records the 2nd round in meta.json
+    dying.write_text(kill_script('rskd.write_json', 3, "rskd.main(sys.argv[1:])"))
+    torchrun(2, *cache_args(data, teacher, d), script=dying, ok=False)
+    meta = json.load(open(d / 'meta.json'))
+    assert not meta['complete'] and meta['seqs_done'] == 2 * 4  # one round of 2 ranks x batch 4
+    torchrun(2, *cache_args(data, teacher, d))  # resumed
+    assert files_of(d) == files_of(caches['rs'])
 
 
-def test_ddp_training_matches_single_process(tmp_path, data, caches):
-    common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 4,
-              '--eval_interval', 4]
-    run(*common, '--out_dir', tmp_path / 'one', '--gradient_accumulation_steps', 2)
-    torchrun(2, *common, '--out_dir', tmp_path / 'two')  # under torchrun the default is one micro-step per rank
+def test_ddp_training_and_resume_match_single_process(tmp_path, data, caches):
+    common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2,
+              '--lr_decay_iters', 4]
+    run(*common, '--max_iters', 4, '--out_dir', tmp_path / 'one', '--gradient_accumulation_steps', 2)
+    # 2 ranks (by default one micro-step each: the same global batch), stopped after 2 steps, then resumed
+    torchrun(2, *common, '--max_iters', 2, '--out_dir', tmp_path / 'two')
+    torchrun(2, *common, '--max_iters', 4, '--out_dir', tmp_path / 'two', '--resume', 'true')
     one, two = final_weights(tmp_path / 'one'), final_weights(tmp_path / 'two')
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    m1, m2 = (json.loads(open(tmp_path / d / 'metrics.jsonl').readlines()[-1]) for d in ('one', 'two'))
-    assert abs(m1['val_loss'] - m2['val_loss']) < 1e-4
+    m1, m2 = ([json.loads(line) for line in open(tmp_path / d / 'metrics.jsonl')] for d in ('one', 'two'))
+    assert [m['iter'] for m in m1] == [m['iter'] for m in m2] == [0, 2, 4]
+    assert abs(m1[-1]['val_loss'] - m2[-1]['val_loss']) < 1e-4
 
 
 def test_hugging_face_teacher(tmp_path, data, capsys):
@@ -549,8 +589,10 @@ def test_hugging_face_teacher(tmp_path, data, capsys):
 
 def test_missing_transformers_says_how_to_install(tmp_path, data, monkeypatch, capsys):
     (tmp_path / 'hfdir').mkdir()
+    (tmp_path / 'hfdir' / 'config.json').write_text('{"model_type": "gpt2"}')
     monkeypatch.setitem(sys.modules, 'transformers', None)  # import transformers now raises ImportError
-    assert 'pip install transformers' in fail(capsys, *cache_args(data, tmp_path / 'hfdir', tmp_path / 'c'))
+    for name in (tmp_path / 'hfdir', 'gpt2-xl'):
+        assert 'pip install transformers' in fail(capsys, *cache_args(data, name, tmp_path / 'c'))
 
 # ----------------------------------------------------------------------------- reliability
 
@@ -617,6 +659,15 @@ def bad_inputs(tmp, data, teacher, caches):
         'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
         'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
         'non-finite loss': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'the loss became nan'),
+        'unknown device': (lambda: [*train, '--device', 'tpu'], '--device must be auto, cpu, cuda or cuda:N'),
+        'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
+        'negative grad_clip': (lambda: [*train, '--grad_clip', -1], '--grad_clip cannot be negative'),
+        'cache meta of unknown method': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', method='gumbel'))], "has method 'gumbel'"),
+        'teacher folder, not file': (lambda: [*train, '--loss', 'fullkd', '--teacher', os.path.dirname(teacher)], 'folder without config.json'),
+        'fullkd teacher with shorter block_size': (lambda: [*train, '--loss', 'fullkd', '--teacher', teacher, '--block_size', 32], 'shorter than --block_size 32'),
+        'bench student of other block_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none', '--block_size', 8),
+                                                        ['--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', f'{tmp}/out', *TINY])[1],
+                                              'is a student for vocab 97 and block_size 8'),
         'resume without checkpoint': (lambda: [*train, '--resume', 'true'], 'ckpt.pt not found'),
         'resume with another batch_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--batch_size', 8])[1],
                                            'a resumed run keeps its batch_size'),
@@ -632,6 +683,11 @@ def test_bad_input_gives_one_clear_line(case, tmp_path, data, teacher, caches, c
     assert {d: files_of(d) for d in before} == before  # nothing of the user's was touched
     if case == 'non-finite loss':  # the last good checkpoint (iter 0) is intact
         assert torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] == 0
+
+
+def test_bench_refuses_torchrun(capsys, monkeypatch):
+    monkeypatch.setenv('RANK', '0')
+    assert 'not torchrun' in fail(capsys, '--mode', 'bench')
 
 
 def test_existing_run_is_not_overwritten(tmp_path, data, caches, capsys):
@@ -670,7 +726,7 @@ def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
     run(*train_args(data, caches, tmp_path / 'ref'))
     args = [str(a) for a in train_args(data, caches, tmp_path / 'int')]
     # Ctrl-C while drawing the 6th batch: the step finishes, a checkpoint is saved at iter 6, exit 0
-    script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})").replace('signal.SIGKILL', 'signal.SIGINT')
+    script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})", signal.SIGINT)
     p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0 and 'interrupted: saved' in p.stdout and '--resume true' in p.stdout, p.stdout + p.stderr
     assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 6
@@ -739,34 +795,41 @@ def test_soak_random_kills(tmp_path):
     import random
     rng = random.Random(int(os.environ.get('RSKD_SOAK_SEED', 0)))
     scale = float(os.environ.get('RSKD_SOAK_SCALE', 1))
-    data = write_data(tmp_path / 'data', n_train=int(200000 * scale))
+    data = write_data(tmp_path / 'data', n_train=int(400000 * scale))
     model = ['--n_layer', 2, '--n_embd', 64, '--batch_size', 16, '--block_size', 32]
-    iters = ['--max_iters', int(1500 * scale), '--eval_interval', int(300 * scale)]
-    steps = [[os.path.join(HERE, 'prepare_data.py'), '--out', 'prepared'],
-             [os.path.join(HERE, 'rskd.py'), '--mode', 'teacher', '--out_dir', 'teacher', *model, *iters],
-             [os.path.join(HERE, 'rskd.py'), '--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache', *model],
-             [os.path.join(HERE, 'rskd.py'), '--mode', 'train', '--cache_dir', 'cache', '--out_dir', 'student',
-              *model, '--n_layer', 1, '--n_embd', 32, *iters]]
-    kills = 0
+    # a checkpoint every 20 steps (a fraction of a second), so that most runs between kills save some progress
+    iters = ['--max_iters', int(1500 * scale), '--eval_interval', 20, '--eval_iters', 2]
+    rskd_py = [os.path.join(HERE, 'rskd.py'), '--data_dir', data, '--device', 'cpu', *model]
+    steps = dict(prepare_data=[os.path.join(HERE, 'prepare_data.py'), '--out', 'prepared'],
+                 teacher=[*rskd_py, '--mode', 'teacher', '--out_dir', 'teacher', *iters],
+                 cache=[*rskd_py, '--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache'],
+                 student=[*rskd_py, '--mode', 'train', '--cache_dir', 'cache', '--out_dir', 'student', '--n_layer', 1,
+                          '--n_embd', 32, *iters])
+    kills = {name: 0 for name in steps}
     for root, kill in (('killed', True), ('clean', False)):
         os.makedirs(tmp_path / root)
-        for step in steps:
-            argv = [sys.executable, *map(str, step)] + (['--data_dir', data, '--device', 'cpu'] if 'rskd.py' in step[0] else [])
-            out_dir = next((step[i + 1] for i, a in enumerate(step) if a == '--out_dir'), None)
+        for name, step in steps.items():
             while True:
-                resume = ['--resume', 'true'] if out_dir and os.path.exists(tmp_path / root / out_dir / 'ckpt.pt') else []
-                p = subprocess.Popen(argv + resume, cwd=tmp_path / root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                resume = ['--resume', 'true'] if os.path.exists(tmp_path / root / name / 'ckpt.pt') else []
+                p = subprocess.Popen([sys.executable, *map(str, step), *resume], cwd=tmp_path / root,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 try:
-                    p.wait(timeout=rng.uniform(1, 6) if kill else None)
+                    p.wait(timeout=rng.uniform(1.5, 6) if kill else None)
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-                    kills += 1
+                    kills[name] += 1
+                    assert kills[name] < 500, f"{name}: no progress after {kills[name]} kills"
                     continue
                 assert p.returncode == 0, p.stderr.read().decode()
                 break
-    print(f"soak: the pipeline survived {kills} SIGKILLs")
-    for d in ('prepared', 'cache'):
-        assert files_of(tmp_path / 'clean' / d) == files_of(tmp_path / 'killed' / d)
+    print(f"soak: the pipeline survived {sum(kills.values())} SIGKILLs {kills}")
+    clean, killed = (files_of(tmp_path / root / 'prepared') for root in ('clean', 'killed'))
+    assert clean == killed
+    clean, killed = (files_of(tmp_path / root / 'cache') for root in ('clean', 'killed'))
+    metas = [json.loads(d.pop('meta.json')) for d in (clean, killed)]
+    for m in metas:  # the teacher's path differs (clean/ or killed/); its weights' hash must not
+        del m['teacher']['name']
+    assert clean == killed and metas[0] == metas[1]
     a, b = final_weights(tmp_path / 'clean' / 'student'), final_weights(tmp_path / 'killed' / 'student')
     assert all(torch.equal(a[k], b[k]) for k in a)
