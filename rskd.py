@@ -97,6 +97,10 @@ RESUME_FIXED = ('mode', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size
                 'max_seqs', 'seed', 'loss', 'cache_dir')
 
 
+def first_line(e):
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def die(msg):
     """A problem the user can fix: one line that says what to do, no traceback, exit status 1."""
     print(f"error: {msg}", file=sys.stderr)
@@ -318,7 +322,7 @@ def top_k(probs, k, group=16):
     those k maxima. So only k * group candidates are sorted. (Equal values may come out in another order.)"""
     V = probs.shape[-1]
     G = -(-V // group)
-    if k > G:
+    if k * group > V // 4:  # few groups: the candidates would cost more than a plain topk
         top = probs.topk(k, dim=-1)
         return top.values, top.indices
     q = V // G  # rows of the (q, G) view; the last V - q*G tokens join the first groups
@@ -326,7 +330,7 @@ def top_k(probs, k, group=16):
     gmax[..., :V - q * G] = torch.maximum(gmax[..., :V - q * G], probs[..., q * G:])
     groups = gmax.topk(k, dim=-1).indices  # (..., k)
     cols = (groups.unsqueeze(-1) + G * torch.arange(q + 1, device=probs.device)).flatten(-2)  # their members
-    vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, -1)
+    vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, float('-inf'))
     top = vals.topk(k, dim=-1)
     return top.values, cols.gather(-1, top.indices)
 
@@ -494,7 +498,7 @@ def load_teacher(name, vocab_size, block_size, env):
         try:
             c = transformers.AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
-            die(f"could not load Hugging Face teacher {name}: {str(e).splitlines()[0]}")
+            die(f"could not load Hugging Face teacher {name}: {first_line(e)}")
         shape = dict(vocab_size=getattr(c, 'vocab_size', None), block_size=getattr(c, 'n_positions', None))
         name = name if name in HF_TEACHERS else os.path.abspath(name)
     else:
@@ -512,7 +516,7 @@ def load_teacher(name, vocab_size, block_size, env):
         try:
             model = GPT.from_pretrained(name)
         except OSError as e:  # no network, or a folder without weights
-            die(f"could not load the weights of Hugging Face teacher {name}: {str(e).splitlines()[0]}")
+            die(f"could not load the weights of Hugging Face teacher {name}: {first_line(e)}")
     else:
         try:
             model = GPT(GPTConfig(**shape))
@@ -998,7 +1002,7 @@ def run_bench(cfg, env):
     losses = {k: make_loss(k, vanilla, env, teacher_c) for k in names if k != 'ghost'}
     losses['ghost'] = make_loss('topk', replace(vanilla, topk_tail='ghost'), env, teacher_c)
     times, mem = {k: [] for k in names}, {k: 0 for k in names}
-    for rep in range(10):  # the order rotates each round, so no method always follows the same one
+    for rep in range(2 + 2 * len(names)):  # the order rotates each round: every rotation is timed twice
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             base = peak_memory_reset(env)
             t0 = time.time()
