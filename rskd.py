@@ -20,6 +20,7 @@ Every option is a field of Config below: python rskd.py --help
 import argparse
 import errno
 import functools
+import gc
 import hashlib
 import importlib.util
 import inspect
@@ -1107,6 +1108,9 @@ def main(argv=None):
             f"fix that and rerun the same command (finished work is kept)")
     finally:
         if env.ddp:
+            # free DDP (and the gloo work it holds) while Python is fully alive: left to interpreter
+            # shutdown, a gloo worker can abort the process after the run has finished
+            gc.collect()
             dist.destroy_process_group()
 
 
