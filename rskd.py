@@ -558,7 +558,7 @@ def read_cache_meta(cache_dir):
             die(f"{path} is not valid JSON: delete {cache_dir} and rerun --mode cache")
     if method not in METHOD_META:
         die(f"{path} has method {method!r}, not rs or topk: delete {cache_dir} and rerun --mode cache")
-    meta = read_json(path, {**CACHE_META, **METHOD_META.get(method, {})}, "rerun --mode cache")
+    meta = read_json(path, {**CACHE_META, **METHOD_META[method]}, "rerun --mode cache")
     if not (meta['format'] == 'rskd-cache' and meta['version'] == 1 and meta['ids_dtype'] in ('uint16', 'int32')
             and 0 <= meta['seqs_done'] <= meta['num_seqs'] and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
             and (1 <= meta['rounds'] <= 255 and meta['sampler'] in CHOICES['sampler'] if method == 'rs' else meta['k'] >= 1)):
@@ -945,10 +945,11 @@ def run_bench(cfg, env):
     seqs = list(range(B))
     x, y = get_batch(tokens, seqs, T, env)
     torch.manual_seed(cfg.seed)
-    student = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     if ckpt:
         student = GPT(GPTConfig(**ckpt['model_config']))
         student.load_state_dict(ckpt['model'])
+    else:
+        student = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))
     student.to(env.device)
     with torch.no_grad(), env.ctx:
         t_logits = teacher(x).float()
