@@ -279,7 +279,34 @@ def seq_generators(seed, seqs, device):
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + s) for s in seqs]
 
 
-def sample_draws(probs, rounds, gens, sampler='multinomial', block=16):
+def group_reduce(probs, op, group=16):
+    """(..., V) -> (..., G): the 'sum' or the 'max' over each group of about `group` tokens. Token j is in
+    group j % G, G = ceil(V / group): a group's members are G apart, so this is one vectorised pass over a
+    (V // G, G) view, plus the last V - (V // G) * G tokens, which join the first groups."""
+    reduce, combine = (torch.sum, torch.add) if op == 'sum' else (torch.amax, torch.maximum)
+    V = probs.shape[-1]
+    G = -(-V // group)
+    q = V // G
+    out = reduce(probs[..., :q * G].unflatten(-1, (q, G)), -2)
+    out[..., :V - q * G] = combine(out[..., :V - q * G], probs[..., q * G:])
+    return out
+
+
+def group_members(groups, V, group=16):
+    """group indices (...) -> the ids of their tokens (..., V // G + 1), ascending; an id >= V is no token."""
+    G = -(-V // group)
+    return groups.unsqueeze(-1) + G * torch.arange(V // G + 1, device=groups.device)
+
+
+def by_rows(*xs):
+    """(B, T, ...) tensors -> their chunks of matching rows (positions), as tuples of (rows, ...) views. On CPU
+    128 positions at a time: a whole batch's temporaries would be fresh memory every time (page faults) and
+    out of cache. CUDA takes the batch in one go."""
+    rows = 128 if xs[0].device.type == 'cpu' else xs[0].shape[0] * xs[0].shape[1]
+    return zip(*(x.flatten(0, 1).split(rows) for x in xs))
+
+
+def sample_draws(probs, rounds, gens, sampler='multinomial', group=16):
     """Draw `rounds` tokens with replacement from each row of probs (B, T, V), unnormalised is fine;
     returns the draws sorted per row, (B, T, rounds).
 
@@ -290,47 +317,42 @@ def sample_draws(probs, rounds, gens, sampler='multinomial', block=16):
     uniform on its own slice (j/N, (j+1)/N], so E[count_i] = N * p_i: still exactly unbiased. But the
     points are evenly spaced, so count_i is always floor or ceil of N * p_i: far lower variance.
 
-    The CDF is two-level and float64: first the block of `block` tokens whose mass holds the point, then
-    the token inside that block. One float32 CDF over 50k tokens would round every token's interval by
-    ~1e-8 (absolute), a large relative error for the many tiny probabilities; here it is ~1e-7 relative."""
+    The CDF is two-level and float64: first the group of ~`group` tokens (group_reduce) whose mass holds
+    the point, then the token inside that group. One float32 CDF over 50k tokens would round every token's
+    interval by ~1e-8 (absolute), a large relative error for the many tiny probabilities; here it is ~1e-7
+    relative. (Which token stands where in the CDF does not matter: any order gives each its own p_i.)"""
     B, T, V = probs.shape
-    full = V // block * block  # the last block may be partial
-    mass = probs[..., :full].reshape(B, T, -1, block).sum(-1)
-    if full < V:
-        mass = torch.cat([mass, probs[..., full:].sum(-1, keepdim=True)], dim=-1)
-    mass = mass.double()
-    cdf = mass.cumsum(-1)  # (B, T, nblocks)
-    u = torch.stack([torch.rand(T, rounds if sampler == 'multinomial' else 1, generator=g, device=g.device,
-                                dtype=torch.float64) for g in gens])  # (B, T, rounds or 1), a stream per sequence
-    points = 1 - u if sampler == 'multinomial' else (torch.arange(1, rounds + 1, device=u.device) - u) / rounds
-    points = points * cdf[..., -1:]  # (B, T, rounds), ascending for systematic
-    blk = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # first block with cdf >= point
-    cols = blk.unsqueeze(-1) * block + torch.arange(block, device=blk.device)  # (B, T, rounds, block)
-    vals = probs.gather(-1, cols.clamp(max=V - 1).flatten(2)).view(cols.shape).double()
-    inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the chosen block's own CDF
-    # the point's offset inside its block, rescaled to the inner CDF and kept in (0, total]: float
-    # rounding can then never land it on a zero-probability token
-    rest = (points - cdf.gather(-1, blk)) / mass.gather(-1, blk) + 1
-    rest = torch.minimum((rest * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny), inner[..., -1])
-    tok = torch.searchsorted(inner, rest.unsqueeze(-1)).squeeze(-1)
-    return (blk * block + tok).sort(-1).values
+    uniform = torch.stack([torch.rand(T, rounds if sampler == 'multinomial' else 1, generator=g, device=g.device,
+                                      dtype=torch.float64) for g in gens])  # (B, T, rounds or 1), a stream per sequence
+    draws = []
+    for p, u in by_rows(probs, uniform):
+        mass = group_reduce(p, 'sum', group)  # (rows, G)
+        cdf = mass.cumsum(-1, dtype=torch.float64)
+        points = 1 - u if sampler == 'multinomial' else (torch.arange(1, rounds + 1, device=u.device) - u) / rounds
+        points = points * cdf[:, -1:]  # (rows, rounds), ascending for systematic
+        g = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # the first group with cdf >= point
+        cols = group_members(g, V, group)  # (rows, rounds, members)
+        vals = p.gather(-1, cols.clamp(max=V - 1).flatten(1)).view(cols.shape).double()
+        inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the chosen group's own CDF
+        # the point's offset inside its group, rescaled to the inner CDF and kept in (0, total]: float
+        # rounding can then never land it on a zero-probability token
+        rest = (points - cdf.gather(-1, g)) / mass.gather(-1, g) + 1
+        rest = torch.minimum((rest * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny), inner[..., -1])
+        draws.append(cols.gather(-1, torch.searchsorted(inner, rest.unsqueeze(-1))).squeeze(-1))
+    return torch.cat(draws).view(B, T, rounds).sort(-1).values
 
 
 def top_k(probs, k, group=16):
-    """torch.topk(probs, k, dim=-1) as (values, ids), exact, a few times faster on CPU when k << V. Token j
-    is in group j % G (G = ceil(V / group), strided so the group maxima are one vectorised pass). The k
-    largest values lie in the k groups with the largest maxima: a token outside them is beaten by each of
-    those k maxima. So only k * group candidates are sorted. (Equal values may come out in another order.)"""
+    """torch.topk(probs, k, dim=-1) as (values, ids), exact, a few times faster on CPU when k << V: the k
+    largest values lie in the k groups (group_reduce) with the largest maxima, since a token outside them
+    is beaten by each of those k maxima. So only their k * group members are sorted. (Equal values may
+    come out in another order.)"""
     V = probs.shape[-1]
-    G = -(-V // group)
     if k * group > V // 4:  # few groups: the candidates would cost more than a plain topk
         top = probs.topk(k, dim=-1)
         return top.values, top.indices
-    q = V // G  # rows of the (q, G) view; the last V - q*G tokens join the first groups
-    gmax = probs[..., :q * G].unflatten(-1, (q, G)).amax(-2)
-    gmax[..., :V - q * G] = torch.maximum(gmax[..., :V - q * G], probs[..., q * G:])
-    groups = gmax.topk(k, dim=-1).indices  # (..., k)
-    cols = (groups.unsqueeze(-1) + G * torch.arange(q + 1, device=probs.device)).flatten(-2)  # their members
+    groups = group_reduce(probs, 'max', group).topk(k, dim=-1).indices  # (..., k)
+    cols = group_members(groups, V, group).flatten(-2)
     vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, float('-inf'))
     top = vals.topk(k, dim=-1)
     return top.values, cols.gather(-1, top.indices)
@@ -587,7 +609,8 @@ def cache_batch(teacher, x, seqs, cfg, env):
     # faults than the softmax itself (CUDA's allocator reuses its memory)
     probs = torch.softmax(logits, -1, out=logits) if logits.device.type == 'cpu' else torch.softmax(logits, -1)
     if cfg.method == 'topk':
-        values, ids = top_k(probs, cfg.k)  # (B, T, k), descending, not renormalised over the K
+        parts = [top_k(p, cfg.k) for p, in by_rows(probs)]  # (rows, k) each, descending, not renormalised
+        values, ids = torch.cat([v for v, _ in parts]), torch.cat([i for _, i in parts])
         return dict(ids=ids.cpu().numpy().reshape(-1), probs=values.half().cpu().numpy().reshape(-1))
     gens = seq_generators(cfg.seed, seqs, env.device)
     lengths, ids, counts = run_lengths(sample_draws(probs, cfg.rounds, gens, cfg.sampler))
@@ -931,7 +954,7 @@ def run_bench(cfg, env):
     bare_forward()  # warm-up
     caches = {m: os.path.join(cfg.out_dir, f'bench-cache-{m}') for m in ('rs', 'topk')}
     speed = dict(fwd=[], rs=[], topk=[])
-    for _ in range(3):
+    for _ in range(5):
         speed['fwd'].append(bare_forward())
         for method, d in caches.items():
             shutil.rmtree(d, ignore_errors=True)

@@ -249,31 +249,41 @@ def sample_counts(p, rounds, rows, sampler, seed=0):
 
 
 P = torch.tensor([0.41, 0.23, 0.13, 0.09, 0.07, 0.0, 0.04, 0.02, 0.007, 0.003])  # token 5 has probability 0
+# 97 tokens: 7 strided groups of 13, plus 6 that join the first 6 groups and hold the largest probabilities;
+# 1e-2 down to 1e-7, every 10th is 0
+P97 = torch.logspace(-2, -7, 97).roll(91) * (torch.arange(97) % 10 != 5)
+P97 = P97 / P97.sum()
 
 
-def test_rs_multinomial_is_unbiased_and_topk_is_not():
+@pytest.mark.parametrize('p', [P, P97], ids=['10 tokens', '97 tokens'])
+def test_rs_multinomial_is_unbiased(p):
     N, M = 50, 4000
-    counts, lengths, ids = sample_counts(P, N, M, 'multinomial')
-    assert (counts.sum(1) == N).all() and counts[:, 5].sum() == 0
+    counts, lengths, ids = sample_counts(p, N, M, 'multinomial')
+    assert (counts.sum(1) == N).all() and counts[:, p == 0].sum() == 0
     est = counts.mean(0) / N
-    tol = 5 * torch.sqrt(P * (1 - P) / (N * M)) + 1e-6  # 5 standard errors per token
-    assert ((est - P).abs() <= tol).all(), (est, P)
+    tol = 5 * torch.sqrt(p * (1 - p) / (N * M)) + 1e-6  # 5 standard errors per token
+    assert ((est - p).abs() <= tol).all(), (est, p)
+
+
+def test_renormalised_topk_is_biased():
+    tol = 5 * torch.sqrt(P * (1 - P) / (50 * 4000)) + 1e-6  # the test above's tolerance
     renorm = torch.zeros_like(P)
     top = P.topk(3)
     renorm[top.indices] = top.values / top.values.sum()  # renormalised Top-3
     assert (renorm - P).abs().max() > 20 * tol.max()
 
 
-def test_rs_systematic_is_unbiased_with_floor_or_ceil_counts():
+@pytest.mark.parametrize('p', [P, P97], ids=['10 tokens', '97 tokens'])
+def test_rs_systematic_is_unbiased_with_floor_or_ceil_counts(p):
     N, M = 50, 4000
-    counts, lengths, ids = sample_counts(P, N, M, 'systematic')
-    assert (counts.sum(1) == N).all() and counts[:, 5].sum() == 0
-    assert ((counts == torch.floor(N * P)) | (counts == torch.ceil(N * P))).all()
+    counts, lengths, ids = sample_counts(p, N, M, 'systematic')
+    assert (counts.sum(1) == N).all() and counts[:, p == 0].sum() == 0
+    assert ((counts == torch.floor(N * p)) | (counts == torch.ceil(N * p))).all()
     # a floor/ceil count has variance at most 1/4, so the mean's standard error is at most 0.5 / (N sqrt(M))
-    assert ((counts.mean(0) / N - P).abs() <= 5 * 0.5 / (N * math.sqrt(M)) + 1e-6).all()
+    assert ((counts.mean(0) / N - p).abs() <= 5 * 0.5 / (N * math.sqrt(M)) + 1e-6).all()
     # and its error is far below multinomial's on the same budget
-    multi = sample_counts(P, N, M, 'multinomial')[0]
-    assert ((counts / N - P) ** 2).sum(1).mean() < 0.5 * ((multi / N - P) ** 2).sum(1).mean()
+    multi = sample_counts(p, N, M, 'multinomial')[0]
+    assert ((counts / N - p) ** 2).sum(1).mean() < 0.5 * ((multi / N - p) ** 2).sum(1).mean()
 
 
 def test_rs_ids_are_unique_ascending_and_in_vocab():
