@@ -540,6 +540,8 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
         assert set(res[key]) == {'ce', 'rskd', 'topk', 'ghost', 'fullkd'} and all(v >= 0 for v in res[key].values())
     assert all(v > 0 for v in res['step_ms'].values())
     assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == {'rs', 'topk'}
+    assert [len(res['cache_runs_tok_s'][k]) for k in ('fwd', 'rs', 'topk')] == [10, 5, 5]
+    assert all(r > 0 for r in res['cache_ratio_vs_fwd'].values())
     r_eq = res['systematic_equal_storage_rounds']
     assert set(res['grad_angle_deg']) == {'rskd', 'topk12', 'topk50', 'ghost12', 'systematic50', f'systematic{r_eq}'}
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
