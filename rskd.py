@@ -989,7 +989,7 @@ def run_bench(cfg, env):
 
     def rs(rounds, sampler):  # -> (ids, weights, unique tokens per position)
         gens = seq_generators(cfg.seed, seqs, env.device)
-        lengths, ids, counts = run_lengths(sample_draws(probs.clone(), rounds, gens, sampler))
+        lengths, ids, counts = run_lengths(sample_draws(probs, rounds, gens, sampler))
         ids, w = pad_rows(lengths, ids, counts / rounds)
         return ids.view(B, T, -1), w.view(B, T, -1), len(counts) / (B * T)
     unique = dict(rskd=rs(cfg.rounds, 'multinomial')[2])
