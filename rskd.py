@@ -662,7 +662,8 @@ def run_cache(cfg, env):
             write_json(meta, meta_path)
     if env.ddp:
         dist.barrier()
-    handles = {name: open(path, 'ab') for name, (path, dt, n) in files.items()} if env.master else {}
+    # unbuffered: a failed commit leaves no bytes in Python's buffers, to land later behind a resume
+    handles = {name: open(path, 'ab', buffering=0) for name, (path, dt, n) in files.items()} if env.master else {}
     start, t0, last_print = meta['seqs_done'], time.time(), 0
     for lo in range(start, S, B * env.world):  # a round: rank r takes the chunk lo + r*B .. lo + (r+1)*B
         seqs = list(range(lo + env.rank * B, min(lo + (env.rank + 1) * B, S)))
@@ -679,7 +680,9 @@ def run_cache(cfg, env):
                     per_seq = part['lengths'].reshape(-1, T).sum(1, dtype=np.uint64)
                     part['seq_offsets'] = meta['entries'] + np.cumsum(per_seq, dtype=np.uint64)
                 for name, f in handles.items():
-                    f.write(part[name].astype(files[name][1]).tobytes())
+                    data = memoryview(part[name].astype(files[name][1]).tobytes())
+                    while data:  # an unbuffered write may take only part
+                        data = data[f.write(data):]
                 meta['entries'] += len(part['ids'])
             for f in handles.values():  # the data first, then the commit: meta.json never runs ahead
                 f.flush()
