@@ -151,3 +151,11 @@ class GPT(nn.Module):
         # PaLM appendix B: 6N for the matmuls plus the attention scores, forward and backward
         N, cfg = self.num_params(), self.config
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    def estimate_mfu(self, tokens_per_sec, device_name):
+        # model flops utilization: achieved flops over the GPU's dense bf16 peak; None for unknown devices
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+        return self.flops_per_token() * tokens_per_sec / peak if peak else None
+
+
+PEAK_FLOPS = dict(H100=989e12, H200=989e12, A100=312e12)  # dense bf16 flop/s, by device name

@@ -5,6 +5,7 @@ Most runs go through rskd.main() in-process, on a tiny model and a synthetic cor
 vocabulary (97 pads to 128, so the padding is always exercised). Statistical tests use fixed seeds and
 tolerances of a few standard errors computed from the sample size.
 """
+import dataclasses
 import errno
 import json
 import math
@@ -19,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import guardrails
 import prepare_data
 import rskd
 from model import GPT, GPTConfig
@@ -376,7 +378,7 @@ def cache_args(data, teacher, d, *extra):
     return ['--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d, *TINY, *extra]
 
 
-@pytest.mark.parametrize('where', ['rskd.cache_batch', 'rskd.write_json'])
+@pytest.mark.parametrize('where', ['rskd.cache_batch', 'guardrails.write_json'])
 def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches, where, capsys):
     ref, d = str(tmp_path / 'ref'), str(tmp_path / 'killed')
     args = cache_args(data, teacher, d, '--batch_size', 2)
@@ -547,6 +549,86 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
     assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
 
+def test_help_comes_from_the_config_fields():
+    p = subprocess.run([sys.executable, 'rskd.py', '--help'], capture_output=True, text=True, cwd=HERE)
+    text = ' '.join(p.stdout.split())  # argparse wraps lines
+    assert p.returncode == 0
+    for f in dataclasses.fields(rskd.Config):
+        assert f'--{f.name}' in text and ' '.join(f.metadata['help'].split()) in text, f.name
+        for choice in f.metadata['choices'] or ():
+            assert choice in text
+
+
+def top1_target(probs, cfg, gens):
+    """A new sparse target for the fork test: the single most probable id and its probability."""
+    values, ids = rskd.top_k(probs.flatten(0, 1), 1)
+    return dict(ids=ids, probs=values.half())
+
+
+def test_a_new_target_goes_in_through_the_table(tmp_path, data, teacher, monkeypatch, capsys):
+    # the fork: one FORMATS entry, one target function, one branch in stored_weights; it trains with
+    # an existing loss. Cache mode, the checks and the reader need nothing else
+    monkeypatch.setitem(rskd.FORMATS, 'top1', dict(target=top1_target, loss='topk', meta={},
+                        files=dict(ids=('ids', 'position'), probs=('float16', 'position'))))
+    stored_weights = rskd.stored_weights
+
+    def with_top1(meta, rows):
+        if meta['method'] == 'top1':
+            return rows['ids'], rows['probs'].float()
+        return stored_weights(meta, rows)
+    monkeypatch.setattr(rskd, 'stored_weights', with_top1)
+    run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'top1'))
+    meta = json.load(open(tmp_path / 'c' / 'meta.json'))
+    P = meta['num_seqs'] * meta['block_size']
+    assert meta['complete'] and os.path.getsize(tmp_path / 'c' / 'ids.bin') == 2 * P
+    probs = np.fromfile(tmp_path / 'c' / 'probs.bin', np.float16)
+    assert len(probs) == P and (probs > 0).all() and (probs <= 1).all()
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY,
+        '--loss', 'topk', '--max_iters', 2, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
+    assert [json.loads(l)['iter'] for l in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 2]
+    cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
+    env = rskd.setup(cfg)
+    _, reader = rskd.open_cache(cfg, 'topk', rskd.load_split(cfg, 'train', env)[0], V, env)
+    ids, w = reader([0, 5])
+    assert ids.shape == w.shape == (2, 16, 1) and torch.equal(w.flatten(), torch.from_numpy(
+        np.concatenate([probs[:16], probs[5 * 16:6 * 16]]).astype(np.float32)))
+    # each forgotten step fails loudly: a loss that takes no such cache, a missing reader branch,
+    # a target that fills a file the table does not list
+    assert 'is a top1 cache, --loss rskd needs a rs cache' in fail(
+        capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'rskd')
+    monkeypatch.setattr(rskd, 'stored_weights', stored_weights)
+    with pytest.raises(NotImplementedError, match='no reader for top1 caches'):
+        reader([0])
+
+    def extra_file(probs, cfg, gens):
+        return dict(top1_target(probs, cfg, gens), weights=torch.ones(1))
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'target', extra_file)
+    with pytest.raises(AssertionError, match='fill each of its files'):
+        run(*cache_args(data, teacher, tmp_path / 'c2', '--method', 'top1'))
+
+
+def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsys):
+    # the script behind RESULTS.md's tables, on fake runs: two seeds of each row, and their caches
+    import bench
+    monkeypatch.chdir(tmp_path)
+    for cache in ('cache-topk', 'cache-rs', 'cache-sys'):
+        shutil.copytree(caches['topk' if cache == 'cache-topk' else 'rs'], cache)
+    os.makedirs('out')
+    json.dump(dict(step_ratio_vs_ce=dict(ce=1.0, rskd=1.02, topk=1.01, ghost=1.8, fullkd=2.2)), open('out/bench.json', 'w'))
+    bins = [[10, (b + 0.5) / 15, 0.5] for b in range(15)]
+    for i, (_, run_name, *_) in enumerate(bench.ROWS):
+        for seed in (1, 2):
+            os.makedirs(f'out-{run_name}-{seed}')
+            rec = dict(iter=200, val_loss=3.0 + i + seed / 100, ece=0.02, kl_teacher=0.1, spec_accept=0.9,
+                       reliability=bins)
+            open(f'out-{run_name}-{seed}/metrics.jsonl', 'w').write(json.dumps(dict(rec, iter=0)) + '\n' + json.dumps(rec) + '\n')
+    bench.print_tables()
+    out = capsys.readouterr().out
+    assert '| CE | 3.015 ± 0.005 | 2.00 ± 0.00 | 0.100 ± 0.000 | 90.0 ± 0.0 | 1.00 | - |' in out
+    assert '| Full KD | 8.015 ± 0.005 |' in out and 'unique)' in out
+    assert out.count('\n| 0.') == 5  # the five merged confidence bins
+
+
 # ----------------------------------------------------------------------------- scale out
 
 
@@ -561,7 +643,7 @@ def torchrun(nproc, *argv, script=os.path.join(HERE, 'rskd.py'), ok=True):
 def test_ddp_cache_killed_and_resumed_equals_single_process(tmp_path, data, teacher, caches):
     d = tmp_path / 'rs'
     dying = tmp_path / 'dying.py'  # rank 0 is SIGKILLed just before it records the 2nd round in meta.json
-    dying.write_text(kill_script('rskd.write_json', 3, "rskd.main(sys.argv[1:])"))
+    dying.write_text(kill_script('guardrails.write_json', 3, "rskd.main(sys.argv[1:])"))
     torchrun(2, *cache_args(data, teacher, d), script=dying, ok=False)
     meta = json.load(open(d / 'meta.json'))
     assert not meta['complete'] and meta['seqs_done'] == 2 * 4  # one round of 2 ranks x batch 4
@@ -782,7 +864,7 @@ def test_disk_full_while_checkpointing(tmp_path, data, caches, capsys, monkeypat
             if saves[0] == 2:
                 return open('/dev/full', mode)
         return open(path, mode, *a, **k)
-    monkeypatch.setattr(rskd, 'open', open_full, raising=False)
+    monkeypatch.setattr(guardrails, 'open', open_full, raising=False)
     assert 'disk is full' in fail(capsys, *train_args(data, caches, tmp_path))
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 0  # the previous one, intact
     assert not os.path.exists(tmp_path / 'ckpt.pt.tmp')

@@ -1,0 +1,289 @@
+"""
+The bench: step time, memory, cache throughput and gradient fidelity, side by side in one process,
+and the tables of RESULTS.md.
+
+  python bench.py [rskd.py options]   # the same as python rskd.py --mode bench; writes OUT_DIR/bench.json
+  python bench.py tables              # RESULTS.md's tables, from the runs' metrics.jsonl (in this folder)
+
+Every method is timed on the same batch, interleaved and rotated (A B C D E, B C D E A, ...), so slow
+drift of the machine cancels out of the ratios. Each caching run comes right after a bare teacher
+forward over the same batches, and the ratio is taken pair by pair.
+"""
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+import rskd
+from guardrails import die, load_checkpoint, load_teacher, write_json
+from model import GPT, GPTConfig
+
+STEP_METHODS = ['ce', 'rskd', 'topk', 'ghost', 'fullkd']
+
+
+def run_bench(cfg, env):
+    tokens, S, V = rskd.load_split(cfg, 'train', env)
+    T, B = cfg.block_size, cfg.batch_size
+    if B > S:
+        die(f"--batch_size {B} is more than the {S} sequences of {T} tokens in the data: use a smaller one")
+    # the gradient-fidelity student: OUT_DIR/ckpt.pt when there is one (trained, as in the paper)
+    student_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(student_path) if os.path.exists(student_path) else None
+    if ckpt and (ckpt['model_config']['vocab_size'] != V or ckpt['model_config']['block_size'] < T):
+        die(f"{student_path} is a student for vocab {ckpt['model_config']['vocab_size']} and block_size "
+            f"{ckpt['model_config']['block_size']}, this bench has {V} and {T}: use another --out_dir")
+    teacher, _ = load_teacher(cfg.teacher, V, T, env)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    n = min(S, 4 * B)  # the sequences that the caching runs cover
+    caching = bench_caching(cfg, env, teacher, tokens, n)
+    torch.manual_seed(cfg.seed)
+    if ckpt:
+        student = GPT(GPTConfig(**ckpt['model_config']))
+        student.load_state_dict(ckpt['model'])
+    else:
+        shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        student = GPT(GPTConfig(block_size=T, vocab_size=V, **shape))
+    student.to(env.device)
+    seqs = list(range(B))
+    idx, targets = rskd.get_batch(tokens, seqs, T, env)
+    fidelity = bench_fidelity(cfg, env, teacher, student, idx, seqs)
+    steps = bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, caching['dirs'])
+    res = dict(device=env.name, dtype=env.dtype, compile=env.compile,
+               model=dict(student=asdict(student.config), teacher=asdict(teacher.config), batch_size=B),
+               **steps, **caching['result'], **fidelity,
+               fidelity_student=student_path if ckpt else 'random init')
+    write_json(res, os.path.join(cfg.out_dir, 'bench.json'))
+    report(res, cfg)
+
+
+def bench_caching(cfg, env, teacher, tokens, n):
+    """--mode cache against the bare teacher forward over the same n sequences, 5 pairs per method."""
+    T, B = cfg.block_size, cfg.batch_size
+    batches = [rskd.get_batch(tokens, range(i, min(i + B, n)), T, env)[0] for i in range(0, n, B)]
+
+    @torch.no_grad()
+    def bare_forward():
+        t0 = time.time()
+        for idx in batches:
+            with env.ctx:
+                teacher(idx)
+        if env.type == 'cuda':
+            torch.cuda.synchronize()
+        return n * T / (time.time() - t0)
+    bare_forward()  # warm-up
+    dirs = {m: os.path.join(cfg.out_dir, f'bench-cache-{m}') for m in ('rs', 'topk')}
+    runs = dict(fwd=[], rs=[], topk=[])  # tok/s of every run
+    for _ in range(5):  # each cache run right after a bare forward: the pair's ratio cancels drift
+        for method, d in dirs.items():
+            runs['fwd'].append(bare_forward())
+            shutil.rmtree(d, ignore_errors=True)
+            run_cfg = replace(cfg, method=method, cache_dir=d, max_seqs=n, split='train')
+            runs[method].append(rskd.run_cache(run_cfg, env))
+    speed = {k: float(np.median(v)) for k, v in runs.items()}
+    ratio = {m: float(np.median(np.divide(runs[m], runs['fwd'][i::2]))) for i, m in enumerate(dirs)}
+    result = dict(teacher_fwd_tok_s=speed['fwd'], cache_tok_s=dict(rs=speed['rs'], topk=speed['topk']),
+                  cache_ratio_vs_fwd=ratio, cache_runs_tok_s=runs)
+    return dict(dirs=dirs, result=result)
+
+
+def bench_fidelity(cfg, env, teacher, student, idx, seqs):
+    """Each sparse target's gradient against full KD's on one batch: w.r.t. the student's logits
+    (where sampling noise is per position) and w.r.t. its weights (a sum over the batch's positions:
+    independent noise averages out there, a bias does not)."""
+    B, T = idx.shape
+    with torch.no_grad(), env.ctx:
+        t_logits = teacher(idx).float()
+    probs = torch.softmax(t_logits, dim=-1)
+    with env.ctx:
+        s_logits = student(idx).float()  # one graph, reused by every variant
+    params = list(student.parameters())
+
+    def grads(loss):  # -> (d loss / d logits, d loss / d weights), each flattened
+        g_logits, = torch.autograd.grad(loss, s_logits, retain_graph=True)
+        g_params = torch.autograd.grad(s_logits, params, g_logits, retain_graph=True)
+        return g_logits.flatten(), torch.cat([g.flatten() for g in g_params])
+
+    def rs(rounds, sampler):  # -> (ids, weights, unique tokens per position)
+        gens = rskd.seq_generators(cfg.seed, seqs, env.device)
+        lengths, ids, counts = rskd.run_lengths(rskd.sample_draws(probs, rounds, gens, sampler))
+        ids, w = rskd.pad_rows(lengths, ids, counts / rounds)
+        return ids.view(B, T, -1), w.view(B, T, -1), len(counts) / (B * T)
+    unique = dict(rskd=rs(cfg.rounds, 'multinomial')[2])
+    # the systematic rounds with multinomial's storage (unique ids grow with rounds): a bisection
+    lo, hi = 1, cfg.rounds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if rs(mid, 'systematic')[2] < unique['rskd']:
+            lo = mid + 1
+        else:
+            hi = mid
+    candidates = [r for r in (lo - 1, lo) if r >= 1]
+    r_eq = min(candidates, key=lambda r: abs(rs(r, 'systematic')[2] - unique['rskd']))
+    targets = {'rskd': rs(cfg.rounds, 'multinomial'), f'systematic{cfg.rounds}': rs(cfg.rounds, 'systematic'),
+               f'systematic{r_eq}': rs(r_eq, 'systematic')}
+    unique.update({k: v[2] for k, v in targets.items()})
+    variants = {k: rskd.sparse_kd_loss(s_logits, *v[:2]) for k, v in targets.items()}
+    for k in (12, 50):
+        top = probs.topk(k, dim=-1)
+        variants[f'topk{k}'] = rskd.sparse_kd_loss(s_logits, top.indices, top.values)
+        if k == 12:
+            variants['ghost12'] = rskd.ghost_kd_loss(s_logits, top.indices, top.values)
+    full = grads(rskd.full_kd_loss(s_logits, t_logits))
+    fidelity = {}
+    for name, loss in variants.items():
+        for wrt, g, g_full in zip(('logits', 'weights'), grads(loss), full):
+            cos = (g @ g_full / (g.norm() * g_full.norm())).clamp(-1, 1).item()
+            fidelity.setdefault(f'grad_angle_deg_{wrt}', {})[name] = math.degrees(math.acos(cos))
+            fidelity.setdefault(f'grad_norm_ratio_{wrt}', {})[name] = (g.norm() / g_full.norm()).item()
+    return dict(grad_angle_deg=fidelity['grad_angle_deg_logits'],
+                grad_norm_ratio=fidelity['grad_norm_ratio_logits'], **fidelity,
+                unique_per_position=unique, systematic_equal_storage_rounds=r_eq)
+
+
+def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs):
+    """One training step per method on the same batch, the methods interleaved and rotated."""
+    B, T = idx.shape
+    model = torch.compile(student) if env.compile else student
+    teacher_c = torch.compile(teacher) if env.compile else teacher
+    optimizer = student.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
+    vanilla = replace(cfg, topk_tail='none', alpha=0.0, max_seqs=n)
+    V = student.config.vocab_size
+    readers = {}
+    for loss, method in (('rskd', 'rs'), ('topk', 'topk')):
+        run_cfg = replace(vanilla, cache_dir=dirs[method])
+        readers[loss] = rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env)[1]
+    readers['ghost'] = readers['topk']
+    losses = {k: rskd.make_loss(k, vanilla, env, teacher_c) for k in STEP_METHODS if k != 'ghost'}
+    losses['ghost'] = rskd.make_loss('topk', replace(vanilla, topk_tail='ghost'), env, teacher_c)
+    times, mem = {k: [] for k in STEP_METHODS}, {k: 0 for k in STEP_METHODS}
+    for rep in range(2 + 2 * len(STEP_METHODS)):  # every rotation is timed twice, after 2 warm-ups
+        for name in STEP_METHODS[rep % len(STEP_METHODS):] + STEP_METHODS[:rep % len(STEP_METHODS)]:
+            base = peak_memory_reset(env)
+            t0 = time.time()
+            sparse = readers[name](seqs) if name in readers else None  # as in training: read per step
+            with env.ctx:
+                logits = model(idx)
+            losses[name](logits, idx, targets, sparse).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del logits
+            if env.type == 'cuda':
+                torch.cuda.synchronize()
+            if rep >= 2:
+                times[name].append(time.time() - t0)
+                mem[name] = max(mem[name], peak_memory(env) - base)
+    step_ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+    kind = 'cuda max allocated' if env.type == 'cuda' else 'RSS peak growth during the step'
+    return dict(step_ms=step_ms, step_ratio_vs_ce={k: v / step_ms['ce'] for k, v in step_ms.items()},
+                tok_s={k: B * T / v * 1000 for k, v in step_ms.items()}, peak_mem_bytes=mem,
+                peak_mem_kind=kind)
+
+
+def report(res, cfg):
+    B, T = cfg.batch_size, cfg.block_size
+    print(f"\nbench on {res['device']} ({res['dtype']}{', compiled' if res['compile'] else ''}), batch {B}x{T}")
+    print(f"{'method':8} {'step ms':>9} {'vs ce':>6} {'tok/s':>8} {'peak MB':>8}   ({res['peak_mem_kind']})")
+    for k in STEP_METHODS:
+        print(f"{k:8} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
+              f"{res['peak_mem_bytes'][k] / 2**20:8.0f}")
+    speed, ratio = res['cache_tok_s'], res['cache_ratio_vs_fwd']
+    print(f"teacher forward {res['teacher_fwd_tok_s']:,.0f} tok/s; cache rs {speed['rs']:,.0f} tok/s "
+          f"({ratio['rs']:.2f}x), topk {speed['topk']:,.0f} tok/s ({ratio['topk']:.2f}x); x: the median of "
+          f"5 cache runs / the forward run before each")
+    print(f"gradient vs full KD (student: {res['fidelity_student']})\n{'':16} {'unique':>6}  "
+          f"{'logits: angle':>13} {'norm':>5}  {'weights: angle':>14} {'norm':>5}")
+    for k in res['grad_angle_deg_logits']:
+        cells = [f"{res[f'grad_angle_deg_{w}'][k]:12.1f}° {res[f'grad_norm_ratio_{w}'][k]:5.2f}"
+                 for w in ('logits', 'weights')]
+        print(f"{k:16} {res['unique_per_position'].get(k, float('nan')):6.1f}  " + '  '.join(cells))
+    print(f"wrote {os.path.join(cfg.out_dir, 'bench.json')}")
+
+
+def peak_memory_reset(env):
+    if env.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        return 0
+    try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        return 0
+    return peak_memory(env)
+
+
+def peak_memory(env):
+    if env.type == 'cuda':
+        return torch.cuda.max_memory_allocated()
+    try:
+        with open('/proc/self/status') as f:
+            return 1024 * int(re.search(r'VmHWM:\s+(\d+)', f.read()).group(1))
+    except OSError:
+        return 0
+
+# -----------------------------------------------------------------------------
+# the tables of RESULTS.md, from the runs that RESULTS.md lists (out-NAME-SEED/, cache-*/ and out/)
+
+
+# (row name, run name, the bench's step method for it, its cache folder)
+ROWS = [('CE', 'ce', 'ce', ''), ('Top-K 12', 'topk', 'topk', 'cache-topk'),
+        ('Top-K 12 + ghost', 'ghost', 'ghost', 'cache-topk'), ('RS-KD, 50 rounds', 'rskd', 'rskd', 'cache-rs'),
+        ('RS-KD systematic, 46', 'sys', 'rskd', 'cache-sys'), ('Full KD', 'fullkd', 'fullkd', '')]
+SEEDS = (1, 2)
+
+
+def last_eval(run):
+    with open(os.path.join(run, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f][-1]
+
+
+def cache_size(cache):
+    """'bytes per position (unique ids)' of a cache folder."""
+    with open(os.path.join(cache, 'meta.json')) as f:
+        meta = json.load(f)
+    P = meta['num_seqs'] * meta['block_size']
+    size = f"{sum(map(os.path.getsize, glob.glob(os.path.join(cache, '*.bin')))) / P:.1f}"
+    return size + (f" ({meta['entries'] / P:.1f} unique)" if meta['method'] == 'rs' else '')
+
+
+def print_tables(rows=ROWS, seeds=SEEDS):
+    with open(os.path.join('out', 'bench.json')) as f:
+        step = json.load(f)['step_ratio_vs_ce']
+    print('| student | val loss | ECE % | KL to teacher | spec. accept % | step time vs CE | cache bytes/position |')
+    print('|---|---|---|---|---|---|---|')
+    for name, run, method, cache in rows:
+        m = [last_eval(f'out-{run}-{seed}') for seed in seeds]
+
+        def cell(key, scale=1, digits=3):  # the mean of the seeds, +- half their spread
+            values = [scale * x[key] for x in m]
+            spread = (max(values) - min(values)) / 2
+            return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+        size = cache_size(cache) if cache else '-'
+        print(f"| {name} | {cell('val_loss')} | {cell('ece', 100, 2)} | {cell('kl_teacher')} | "
+              f"{cell('spec_accept', 100, 1)} | {step[method]:.2f} | {size} |")
+    print(f"\n| confidence (seed {seeds[0]}) | " + ' | '.join(r[0] for r in rows) + ' |')
+    print('|---|' + '---|' * len(rows))
+    for b in range(5):  # the 15 bins of [count, mean confidence, accuracy], merged 3 by 3
+        cells = []
+        for name, run, *_ in rows:
+            bins = last_eval(f'out-{run}-{seeds[0]}')['reliability']
+            merged, total = bins[3 * b:3 * b + 3], sum(x[0] for x in bins)
+            count = sum(x[0] for x in merged)
+            conf, acc = (sum(x[0] * x[i] for x in merged) / max(count, 1) for i in (1, 2))
+            cells.append(f"{acc:.2f} @ {conf:.2f} ({100 * count / total:.0f}%)")
+        print(f"| {b / 5:.1f}-{(b + 1) / 5:.1f} | " + ' | '.join(cells) + ' |')
+
+
+if __name__ == '__main__':
+    if sys.argv[1:] == ['tables']:
+        print_tables()
+    else:
+        rskd.main(['--mode', 'bench', *sys.argv[1:]])
