@@ -122,6 +122,8 @@ def check_config(cfg):
                  'weight_decay', 'grad_clip'):
         if getattr(cfg, name) < 0:
             die(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    if cfg.mode == 'train' and cfg.topk_tail != 'none' and cfg.loss != 'topk':
+        die(f"--topk_tail {cfg.topk_tail} changes only --loss topk, not --loss {cfg.loss}: drop it or use --loss topk")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         die(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device}")
     if cfg.device.startswith('cuda') and 'RANK' not in os.environ:

@@ -758,6 +758,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'non-finite loss': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'the loss became nan'),
         'unknown device': (lambda: [*train, '--device', 'tpu'], '--device must be auto, cpu, cuda or cuda:N'),
         'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
+        'tail without topk': (lambda: [*train, '--cache_dir', caches['rs'], '--topk_tail', 'ghost'], 'changes only --loss topk, not --loss rskd'),
         'negative grad_clip': (lambda: [*train, '--grad_clip', -1], '--grad_clip cannot be negative'),
         'cache meta of unknown method': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', method='gumbel'))], "has method 'gumbel'"),
         'teacher folder, not file': (lambda: [*train, '--loss', 'fullkd', '--teacher', os.path.dirname(teacher)], 'folder without config.json'),
