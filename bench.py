@@ -3,6 +3,7 @@ The bench: step time, memory, cache throughput and gradient fidelity, side by si
 and the tables of RESULTS.md.
 
   python bench.py [rskd.py options]   # the same as python rskd.py --mode bench; writes OUT_DIR/bench.json
+  python bench.py rounds [options]    # distinct ids per position for N = 1..255, fidelity at a few N
   python bench.py tables              # RESULTS.md's tables, from the runs' metrics.jsonl (in this folder)
 
 Every method is timed on the same batch, interleaved and rotated (A B C D E, B C D E A, ...), so slow
@@ -24,10 +25,12 @@ import numpy as np
 import torch
 
 import rskd
-from guardrails import die, load_checkpoint, load_teacher, write_json
+from guardrails import (die, load_checkpoint, load_teacher, parse_args, resolve_config, setup,
+                        user_errors, write_json)
 from model import GPT, GPTConfig
 
-STEP_METHODS = ['ce', 'rskd', 'topk', 'ghost', 'fullkd']
+STEP_METHODS = ['ce', 'rskd', 'topk', 'ghost', 'smooth', 'naive', 'fullkd']
+TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass
 
 
 def run_bench(cfg, env):
@@ -45,17 +48,10 @@ def run_bench(cfg, env):
     os.makedirs(cfg.out_dir, exist_ok=True)
     n = min(S, 4 * B)  # the sequences that the caching runs cover
     caching = bench_caching(cfg, env, teacher, tokens, n)
-    torch.manual_seed(cfg.seed)
-    if ckpt:
-        student = GPT(GPTConfig(**ckpt['model_config']))
-        student.load_state_dict(ckpt['model'])
-    else:
-        shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-        student = GPT(GPTConfig(block_size=T, vocab_size=V, **shape))
-    student.to(env.device)
+    student = fidelity_student(cfg, env, ckpt, V)
     seqs = list(range(B))
     idx, targets = rskd.get_batch(tokens, seqs, T, env)
-    fidelity = bench_fidelity(cfg, env, teacher, student, idx, seqs)
+    fidelity = bench_fidelity(cfg, env, teacher, student, idx, seqs, targets)
     steps = bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, caching['dirs'])
     res = dict(device=env.name, dtype=env.dtype, compile=env.compile,
                model=dict(student=asdict(student.config), teacher=asdict(teacher.config), batch_size=B),
@@ -63,6 +59,18 @@ def run_bench(cfg, env):
                fidelity_student=student_path if ckpt else 'random init')
     write_json(res, os.path.join(cfg.out_dir, 'bench.json'))
     report(res, cfg)
+
+
+def fidelity_student(cfg, env, ckpt, V):
+    """The student whose gradients are compared: the trained one in OUT_DIR/ckpt.pt, else a new one."""
+    torch.manual_seed(cfg.seed)
+    if ckpt:
+        student = GPT(GPTConfig(**ckpt['model_config']))
+        student.load_state_dict(ckpt['model'])
+    else:
+        shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        student = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=V, **shape))
+    return student.to(env.device)
 
 
 def bench_caching(cfg, env, teacher, tokens, n):
@@ -95,11 +103,13 @@ def bench_caching(cfg, env, teacher, tokens, n):
     return dict(dirs=dirs, result=result)
 
 
-def bench_fidelity(cfg, env, teacher, student, idx, seqs):
+def bench_fidelity(cfg, env, teacher, student, idx, seqs, targets, sweep=()):
     """Each sparse target's gradient against full KD's on one batch: w.r.t. the student's logits
     (where sampling noise is per position) and w.r.t. its weights (a sum over the batch's positions:
-    independent noise averages out there, a bias does not)."""
+    independent noise averages out there, a bias does not). sweep: more rounds N to try, each with
+    both samplers."""
     B, T = idx.shape
+    labels = targets
     with torch.no_grad(), env.ctx:
         t_logits = teacher(idx).float()
     probs = torch.softmax(t_logits, dim=-1)
@@ -112,11 +122,13 @@ def bench_fidelity(cfg, env, teacher, student, idx, seqs):
         g_params = torch.autograd.grad(s_logits, params, g_logits, retain_graph=True)
         return g_logits.flatten(), torch.cat([g.flatten() for g in g_params])
 
-    def rs(rounds, sampler):  # -> (ids, weights, unique tokens per position)
+    def rs(rounds, sampler, tau=1.0):  # -> (ids, weights, unique tokens per position)
         gens = rskd.seq_generators(cfg.seed, seqs, env.device)
-        lengths, ids, counts = rskd.run_lengths(rskd.sample_draws(probs, rounds, gens, sampler))
-        ids, w = rskd.pad_rows(lengths, ids, counts / rounds)
-        return ids.view(B, T, -1), w.view(B, T, -1), len(counts) / (B * T)
+        run_cfg = replace(cfg, rounds=rounds, sampler=sampler, proposal_temperature=tau)
+        target = rskd.FORMATS['rs' if tau == 1 else 'is']['target'](probs, run_cfg, gens)
+        w = target['counts'] / rounds * target.get('weights', 1)
+        ids, w = rskd.pad_rows(target['lengths'], target['ids'], w)
+        return ids.view(B, T, -1), w.view(B, T, -1), len(target['counts']) / (B * T)
     unique = dict(rskd=rs(cfg.rounds, 'multinomial')[2])
     # the systematic rounds with multinomial's storage (unique ids grow with rounds): a bisection
     lo, hi = 1, cfg.rounds
@@ -128,15 +140,20 @@ def bench_fidelity(cfg, env, teacher, student, idx, seqs):
             hi = mid
     candidates = [r for r in (lo - 1, lo) if r >= 1]
     r_eq = min(candidates, key=lambda r: abs(rs(r, 'systematic')[2] - unique['rskd']))
-    targets = {'rskd': rs(cfg.rounds, 'multinomial'), f'systematic{cfg.rounds}': rs(cfg.rounds, 'systematic'),
-               f'systematic{r_eq}': rs(r_eq, 'systematic')}
-    unique.update({k: v[2] for k, v in targets.items()})
-    variants = {k: rskd.sparse_kd_loss(s_logits, *v[:2]) for k, v in targets.items()}
+    sparse = {'rskd': rs(cfg.rounds, 'multinomial'), f'systematic{cfg.rounds}': rs(cfg.rounds, 'systematic'),
+              f'systematic{r_eq}': rs(r_eq, 'systematic'), 'is0.8': rs(cfg.rounds, 'multinomial', 0.8),
+              'is1.2': rs(cfg.rounds, 'multinomial', 1.2)}
+    for N in sweep:
+        sparse.update({f'multinomial{N}': rs(N, 'multinomial'), f'systematic{N}': rs(N, 'systematic')})
+    unique.update({k: v[2] for k, v in sparse.items()})
+    variants = {k: rskd.sparse_kd_loss(s_logits, *v[:2]) for k, v in sparse.items()}
     for k in (12, 50):
         top = probs.topk(k, dim=-1)
         variants[f'topk{k}'] = rskd.sparse_kd_loss(s_logits, top.indices, top.values)
-        if k == 12:
+        if k == 12:  # the paper's three remedies for Top-K's leftover mass
             variants['ghost12'] = rskd.ghost_kd_loss(s_logits, top.indices, top.values)
+            variants['smooth12'] = rskd.smooth_kd_loss(s_logits, top.indices, top.values)
+            variants['naive12'] = rskd.naive_kd_loss(s_logits, top.indices, top.values, labels)
     full = grads(rskd.full_kd_loss(s_logits, t_logits))
     fidelity = {}
     for name, loss in variants.items():
@@ -161,9 +178,10 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
     for loss, method in (('rskd', 'rs'), ('topk', 'topk')):
         run_cfg = replace(vanilla, cache_dir=dirs[method])
         readers[loss] = rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env)[1]
-    readers['ghost'] = readers['topk']
-    losses = {k: rskd.make_loss(k, vanilla, env, teacher_c) for k in STEP_METHODS if k != 'ghost'}
-    losses['ghost'] = rskd.make_loss('topk', replace(vanilla, topk_tail='ghost'), env, teacher_c)
+    losses = {k: rskd.make_loss(k, vanilla, env, teacher_c) for k in STEP_METHODS if k not in TAILS}
+    for tail in TAILS:
+        readers[tail] = readers['topk']
+        losses[tail] = rskd.make_loss('topk', replace(vanilla, topk_tail=tail), env, teacher_c)
     times, mem = {k: [] for k in STEP_METHODS}, {k: 0 for k in STEP_METHODS}
     for rep in range(2 + 2 * len(STEP_METHODS)):  # every rotation is timed twice, after 2 warm-ups
         for name in STEP_METHODS[rep % len(STEP_METHODS):] + STEP_METHODS[:rep % len(STEP_METHODS)]:
@@ -206,6 +224,53 @@ def report(res, cfg):
                  for w in ('logits', 'weights')]
         print(f"{k:16} {res['unique_per_position'].get(k, float('nan')):6.1f}  " + '  '.join(cells))
     print(f"wrote {os.path.join(cfg.out_dir, 'bench.json')}")
+
+
+def run_rounds(cfg, env, sweep=(5, 12, 50, 150), n_seqs=64):
+    """Distinct ids per position against the rounds N = 1..255, both samplers, on the first n_seqs
+    sequences; and the gradient-fidelity table at the rounds in sweep. Writes OUT_DIR/rounds.json."""
+    tokens, S, V = rskd.load_split(cfg, 'train', env)
+    T, B = cfg.block_size, cfg.batch_size
+    teacher, _ = load_teacher(cfg.teacher, V, T, env)
+    student_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    ckpt = load_checkpoint(student_path) if os.path.exists(student_path) else None
+    distinct = {sampler: np.zeros(255) for sampler in ('multinomial', 'systematic')}
+    n = min(S, n_seqs)
+    t0 = time.time()
+    for lo in range(0, n, B):
+        seqs = list(range(lo, min(lo + B, n)))
+        idx = rskd.get_batch(tokens, seqs, T, env)[0]
+        with torch.no_grad(), env.ctx:
+            probs = torch.softmax(teacher(idx).float(), -1)
+        for sampler, curve in distinct.items():
+            for N in range(1, 256):
+                gens = rskd.seq_generators(cfg.seed, seqs, env.device)
+                lengths = rskd.run_lengths(rskd.sample_draws(probs, N, gens, sampler))[0]
+                curve[N - 1] += lengths.sum().item() / (n * T)
+        print(f"rounds: {seqs[-1] + 1}/{n} sequences, {time.time() - t0:.0f}s", flush=True)
+    del probs
+    student = fidelity_student(cfg, env, ckpt, V)
+    seqs = list(range(B))
+    idx, targets = rskd.get_batch(tokens, seqs, T, env)
+    fidelity = bench_fidelity(cfg, env, teacher, student, idx, seqs, targets, sweep)
+    res = dict(positions=n * T, distinct_per_position={k: v.tolist() for k, v in distinct.items()},
+               fidelity_student=student_path if ckpt else 'random init', **fidelity)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(res, os.path.join(cfg.out_dir, 'rounds.json'))
+    paper = {4: 2.4, 13: 5, 50: 12, 150: 24.5}  # the paper's 3B teacher (its power law), N up to 600
+    print(f"\ndistinct ids per position, {n * T:,} positions\n{'N':>4} {'multinomial':>12} "
+          f"{'systematic':>11} {'paper (3B)':>11}")
+    for N in (1, 2, 3, 4, 5, 8, 12, 13, 20, 30, 46, 50, 75, 100, 150, 200, 255):
+        print(f"{N:4} {distinct['multinomial'][N - 1]:12.2f} {distinct['systematic'][N - 1]:11.2f} "
+              f"{paper.get(N, ''):>11}")
+    print(f"\ngradient vs full KD (student: {res['fidelity_student']})\n{'':16} {'unique':>6}  "
+          f"{'logits: angle':>13} {'norm':>5}  {'weights: angle':>14} {'norm':>5}")
+    for N in sweep:
+        for k in (f'multinomial{N}', f'systematic{N}'):
+            cells = [f"{res[f'grad_angle_deg_{w}'][k]:12.1f}° {res[f'grad_norm_ratio_{w}'][k]:5.2f}"
+                     for w in ('logits', 'weights')]
+            print(f"{k:16} {res['unique_per_position'][k]:6.1f}  " + '  '.join(cells))
+    print(f"wrote {os.path.join(cfg.out_dir, 'rounds.json')}")
 
 
 def peak_memory_reset(env):
@@ -285,5 +350,10 @@ def print_tables(rows=ROWS, seeds=SEEDS):
 if __name__ == '__main__':
     if sys.argv[1:] == ['tables']:
         print_tables()
+    elif sys.argv[1:2] == ['rounds']:
+        args = parse_args(rskd.Config, ['--mode', 'bench', *sys.argv[2:]], rskd.TEACHER, __doc__.split('\n')[1])
+        cfg = resolve_config(rskd.Config, args, rskd.TEACHER, rskd.FORMATS)[0]
+        with user_errors(cfg):
+            run_rounds(cfg, setup(cfg))
     else:
         rskd.main(['--mode', 'bench', *sys.argv[1:]])

@@ -3,6 +3,7 @@ The guard rails of rskd.py: everything that keeps a run from losing work, traini
 ending in a traceback, and that a reader of the method need not see.
 
 - the command line, generated from rskd.Config's fields, and the checks of its values
+- the run's environment: torchrun's ranks, the device, the dtype, autocast
 - the resume-config merge (a resumed run keeps what would change its data order or model)
 - data and cache validation: meta.json schemas, file sizes, fingerprints of the data and the teacher
 - atomic writes, checkpoint and teacher loading (weights only: a file cannot run code)
@@ -13,6 +14,7 @@ Every function that finds a problem the user can fix calls die(): one line that 
 """
 import argparse
 import errno
+import gc
 import hashlib
 import importlib.util
 import json
@@ -22,8 +24,9 @@ import re
 import signal
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, field, fields
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, field, fields, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -103,6 +106,8 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
     if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
         args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
     cfg = config_cls(**{**base, **args})
+    if cfg.method == 'rs' and cfg.proposal_temperature != 1:  # RS from a tempered proposal: an is cache
+        cfg = replace(cfg, method='is')
     if cfg.method not in formats:  # the cache methods are FORMATS's entries
         die(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(formats)}) (see --help)")
     check_config(cfg)
@@ -122,6 +127,10 @@ def check_config(cfg):
                  'weight_decay', 'grad_clip'):
         if getattr(cfg, name) < 0:
             die(f"--{name} cannot be negative, got {getattr(cfg, name)}")
+    if not (0 < cfg.proposal_temperature < math.inf):
+        die(f"--proposal_temperature must be a positive number, got {cfg.proposal_temperature}")
+    if cfg.proposal_temperature != 1 and cfg.method != 'is':
+        die(f"--proposal_temperature applies to --method rs or is, not --method {cfg.method}")
     if cfg.mode == 'train' and cfg.topk_tail != 'none' and cfg.loss != 'topk':
         die(f"--topk_tail {cfg.topk_tail} changes only --loss topk, not --loss {cfg.loss}: drop it or use --loss topk")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
@@ -132,9 +141,44 @@ def check_config(cfg):
             die(f"--device {cfg.device}, but this PyTorch sees {gpus} CUDA GPUs: use --device cpu")
 
 
+def resolve_dtype(dtype, device_type):
+    """--dtype auto: float32 on CPU; on a GPU bfloat16 where it has it, else float16 (with a scaler)."""
+    if dtype != 'auto':
+        return dtype
+    if device_type != 'cuda':
+        return 'float32'
+    return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+
+
 def check_cache_options(cfg, V):
     if cfg.method == 'topk' and cfg.k > V:
         die(f"--k must be at most the vocabulary size {V}, got {cfg.k}")
+
+
+def setup(cfg):
+    """The run's environment, one namespace: distributed (under torchrun) or not, rank and world
+    size, the device, --dtype resolved, the autocast context and whether to compile."""
+    env = SimpleNamespace(ddp='RANK' in os.environ, rank=0, world=1, device=cfg.device)
+    if env.ddp:
+        use_cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+        dist.init_process_group('nccl' if use_cuda else 'gloo')
+        env.rank, env.world = dist.get_rank(), dist.get_world_size()
+        env.device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
+        if use_cuda:
+            torch.cuda.set_device(env.device)
+    elif cfg.device == 'auto':  # (not mps: it has no float64, which sampling and metrics use)
+        env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    env.master, env.type = env.rank == 0, env.device.split(':')[0]
+    env.name = torch.cuda.get_device_name() if env.type == 'cuda' else env.device
+    if env.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env.dtype = resolve_dtype(cfg.dtype, env.type)
+    # autocast runs the matmuls in 16 bits; losses, softmaxes and metrics cast to float32 themselves
+    half = env.dtype != 'float32'
+    env.ctx = torch.autocast(env.type, dtype=getattr(torch, env.dtype)) if half else nullcontext()
+    env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.type == 'cuda')
+    return env
 
 
 def check_batching(cfg, world, S):
@@ -376,9 +420,14 @@ def load_teacher(name, vocab_size, block_size, env):
     return model.to(env.device).eval().requires_grad_(False), info
 
 
-def find_teacher(names, required, cache_meta, cache_dir, vocab_size, block_size, env):
-    """The first of names (the cache's own teacher, then --teacher) that exists, or None with a note when
-    the run needs it only for metrics. A cache's teacher must be the one it was made from."""
+def find_teacher(cfg, required, cache_meta, vocab_size, env):
+    """The cache's own teacher if it still exists, else --teacher (none in --mode teacher), or None
+    with a note when the run needs it only for metrics. A cache's teacher must be the one it was made
+    from."""
+    names = [cfg.teacher] if cfg.mode == 'train' else []
+    if cache_meta:
+        names = [cache_meta['teacher']['name'], cfg.teacher]
+    cache_dir, block_size = cfg.cache_dir, cfg.block_size
     hf_ok = importlib.util.find_spec('transformers') is not None
     found = [n for n in names if (n in HF_TEACHERS and hf_ok) or os.path.exists(n)]
     if not found and not required:
@@ -400,7 +449,7 @@ CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_siz
 PROGRESS = ('complete', 'seqs_done', 'entries')
 # value checks of the methods' own meta fields (a field without one needs only the right type)
 VALID_VALUES = dict(rounds=lambda r: 1 <= r <= 255, sampler=lambda s: s in ('multinomial', 'systematic'),
-                    k=lambda k: k >= 1)
+                    k=lambda k: k >= 1, proposal_temperature=lambda tau: 0 < tau < math.inf)
 
 
 def file_sizes(meta, formats):
@@ -495,9 +544,17 @@ def open_cache_files(cache_dir, meta, formats, env):
     return {name: (open(path, 'ab', buffering=0), dt) for name, (path, dt, n) in files.items()} if env.master else {}
 
 
-def commit_chunk(handles, arrays, meta, seqs_done, cache_dir):
-    """Append each file's arrays, make them durable, then record seqs_done in meta.json: the data first,
-    then the commit, so meta.json never runs ahead of the data."""
+def commit_chunk(handles, parts, meta, seqs_done, cache_dir):
+    """Append the parts (one per rank, in sequence order; None for a rank without sequences) to their
+    files, make them durable, then record seqs_done in meta.json: meta.json never runs ahead."""
+    arrays = {name: [] for name in handles}
+    for part in filter(None, parts):
+        if 'seq_offsets' in handles:  # a ragged format: where each sequence's entries end
+            per_seq = part['lengths'].reshape(-1, meta['block_size']).sum(1, dtype=np.uint64)
+            part['seq_offsets'] = meta['entries'] + np.cumsum(per_seq, dtype=np.uint64)
+        for name in handles:
+            arrays[name].append(part[name])
+        meta['entries'] += len(part['ids'])
     try:
         for name, (f, dt) in handles.items():
             for a in arrays[name]:
@@ -586,6 +643,18 @@ def stop_everywhere(stop, env):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
     return bool(stop)
+
+
+@contextmanager
+def ddp_teardown(env):
+    """Under DDP, free DDP (and the gloo work it holds) while Python is fully alive, then end the
+    process group: left to interpreter shutdown, a gloo worker can abort a finished run."""
+    try:
+        yield
+    finally:
+        if env.ddp:
+            gc.collect()
+            dist.destroy_process_group()
 
 
 @contextmanager

@@ -3,27 +3,21 @@ rskd: Random Sampling Knowledge Distillation ("Sparse Logit Sampling", Anshumann
 The teacher runs once; at each position we keep N draws from its distribution t as ids and counts,
 an unbiased estimate of t at ~3 bytes per stored id, and the student trains on that sparse target.
 
-  python prepare_data.py                                        # tokens -> data/
-  python rskd.py --mode teacher                                 # a CE-trained teacher
-  python rskd.py --mode cache --cache_dir cache-rs              # RS-KD cache: 50 draws per position
-  python rskd.py --mode cache --cache_dir cache-topk --method topk --k 12     # the Top-K baseline
-  python rskd.py --mode train --loss rskd --cache_dir cache-rs  # the student -> out/
-  python rskd.py --mode train --loss topk --cache_dir cache-topk [--topk_tail ghost]
-  python rskd.py --mode train --loss fullkd                     # (or ce) online teacher (or none)
-  python rskd.py --mode bench                                   # speed, memory, gradient fidelity
+  python prepare_data.py                                         # tokens -> data/
+  python rskd.py --mode teacher                                  # a CE-trained teacher
+  python rskd.py --mode cache --cache_dir cache-rs [--method topk]   # the teacher's sparse targets
+  python rskd.py --mode train --loss rskd --cache_dir cache-rs   # (or topk, fullkd, ce) the student
+  python rskd.py --mode bench                                    # speed, memory, gradient fidelity
   torchrun --standalone --nproc_per_node=8 rskd.py --mode cache ...   # any mode but bench, N GPUs
 
 Read top to bottom: Config, data, the method, cache mode, training. Checks live in guardrails.py.
 """
 import functools
-import gc
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,11 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guardrails import (cache_memmaps, check_batching, check_cache_for_run, check_cache_options,
                         check_data, check_step, check_val_loss, close_cache, commit_chunk,
-                        data_fingerprint, die, file_sizes, find_teacher, gather_on_master,
-                        load_teacher, log_eval, open_cache_files, opt, parse_args,
-                        progress_printer, read_cache_meta, resolve_config, restore, resume_cache,
-                        save_checkpoint, start_metrics, stop_everywhere, stop_requested,
-                        user_errors)
+                        data_fingerprint, ddp_teardown, die, file_sizes, find_teacher,
+                        gather_on_master, load_teacher, log_eval, open_cache_files, opt,
+                        parse_args, progress_printer, read_cache_meta, resolve_config, restore,
+                        resume_cache, save_checkpoint, setup, start_metrics, stop_everywhere,
+                        stop_requested, user_errors)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -72,12 +66,14 @@ class Config:
     log_interval: int = opt(10, "print a training line every this many steps")
     # the student's objective
     loss: str = opt('rskd', "the student's objective", ('rskd', 'topk', 'fullkd', 'ce'))
-    topk_tail: str = opt('none', "Top-K's leftover mass as one 'ghost' bucket", ('none', 'ghost'))
+    topk_tail: str = opt('none', "Top-K's leftover mass: a bucket, smoothed, or to the label",
+                         ('none', 'ghost', 'smooth', 'naive'))
     alpha: float = opt(0.0, "weight of ground-truth cross-entropy added to the KD loss")
     # what --mode cache stores
-    method: str = opt('rs', "the sparse target: a method of FORMATS below (rs, topk)")
+    method: str = opt('rs', "the sparse target: a method of FORMATS below (rs, topk, is)")
     sampler: str = opt('multinomial', "systematic: lower variance", ('multinomial', 'systematic'))
     rounds: int = opt(50, "RS draws per position, 1..255")
+    proposal_temperature: float = opt(1.0, "tau: --method is draws from q ∝ t^tau (rs: tau = 1)")
     k: int = opt(12, "Top-K entries per position")
     split: str = opt('train', "the split --mode cache runs over", ('train', 'val'))
     # hardware
@@ -90,33 +86,6 @@ class Config:
 # --mode teacher trains a larger model (it must know more than the student) into its own folder
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_head=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
-
-def setup(cfg):
-    # distributed (under torchrun) or not, the device and mixed precision, in one namespace
-    env = SimpleNamespace(ddp='RANK' in os.environ, rank=0, world=1, device=cfg.device)
-    if env.ddp:
-        use_cuda = torch.cuda.is_available() and cfg.device != 'cpu'
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
-        env.rank, env.world = dist.get_rank(), dist.get_world_size()
-        env.device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
-        if use_cuda:
-            torch.cuda.set_device(env.device)
-    elif cfg.device == 'auto':  # (not mps: it has no float64, which sampling and metrics use)
-        env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    env.master, env.type = env.rank == 0, env.device.split(':')[0]
-    env.name = torch.cuda.get_device_name() if env.type == 'cuda' else env.device
-    if env.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    env.dtype = cfg.dtype
-    if env.dtype == 'auto' and env.type == 'cuda':  # 16-bit matmuls, bfloat16 where the GPU has it
-        env.dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    elif env.dtype == 'auto':
-        env.dtype = 'float32'
-    # autocast runs the matmuls in 16 bits; losses, softmaxes and metrics cast to float32 themselves
-    half = env.dtype != 'float32'
-    env.ctx = torch.autocast(env.type, dtype=getattr(torch, env.dtype)) if half else nullcontext()
-    env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.type == 'cuda')
-    return env
 
 # -----------------------------------------------------------------------------
 # data: memory-mapped uint16 tokens; sequence s is the window tokens[s*T : s*T+T+1]
@@ -156,6 +125,18 @@ def rs_target(probs, cfg, gens):
     lengths, ids, counts = run_lengths(draws)  # distinct ids per position; all ids, their counts
     return dict(lengths=lengths, ids=ids, counts=counts)
 
+def is_target(probs, cfg, gens):
+    # importance sampling, the paper's secondary variant: draw from a proposal q ∝ t^tau instead
+    # (tau = --proposal_temperature) and store each drawn id's weight t_i / q_i. As E[c_i / N] = q_i,
+    # the target (c_i / N)(t_i / q_i) is still an unbiased estimate of t_i. tau < 1 flattens q.
+    proposal = probs.pow(cfg.proposal_temperature).flatten(0, 1)  # (B*T, V), q unnormalised
+    target = rs_target(proposal.view(probs.shape), cfg, gens)  # N draws from q: lengths, ids, counts
+    row = torch.arange(len(proposal), device=probs.device)
+    row = row.repeat_interleave(target['lengths'].flatten())  # each stored id's position
+    q = proposal[row, target['ids']] / proposal.sum(-1, dtype=torch.float64)[row]  # float64
+    target['weights'] = (probs.flatten(0, 1)[row, target['ids']] / q).float()
+    return target
+
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids with their probabilities, NOT renormalised (vanilla
     # Top-K). The student never hears of the tail, and learns to be over-confident
@@ -163,18 +144,22 @@ def topk_target(probs, cfg, gens):
     ids, values = torch.cat([i for _, i in top]), torch.cat([v for v, _ in top])
     return dict(ids=ids, probs=values.half())
 
-# The cache format, one entry per method: its target function, the --loss it trains, the fields
-# its meta.json adds, and its files, name -> (dtype, what the file has one element per). The dtype
-# 'ids' means uint16 (int32 if V > 65536). A ragged method has 'entry' files, plus 'lengths' (ids
-# per position) and 'seq_offsets': sequence s's entries lie between seq_offsets[s] and [s+1].
-# This table drives the writer, resume, the checks and the reader.
-FORMATS = dict(
-    rs=dict(target=rs_target, loss='rskd', meta=dict(rounds=int, sampler=str),
-            files=dict(lengths=('uint8', 'position'), ids=('ids', 'entry'),
-                       counts=('uint8', 'entry'), seq_offsets=('uint64', 'sequence'))),
-    topk=dict(target=topk_target, loss='topk', meta=dict(k=int),
-              files=dict(ids=('ids', 'k per position'), probs=('float16', 'k per position'))),
-)
+# The cache format, one entry per method: target function, the --loss it trains, the fields its
+# meta.json adds, and its files, name -> (dtype, one element per what); 'ids' is uint16, or int32 if
+# V > 65536. A ragged method has 'entry' files, 'lengths' (ids per position) and 'seq_offsets':
+# sequence s's entries lie between seq_offsets[s] and [s+1]. It drives writer, checks and reader.
+FORMATS = {
+    'rs': dict(target=rs_target, loss='rskd', meta=dict(rounds=int, sampler=str),
+               files=dict(lengths=('uint8', 'position'), ids=('ids', 'entry'),
+                          counts=('uint8', 'entry'), seq_offsets=('uint64', 'sequence'))),
+    'topk': dict(target=topk_target, loss='topk', meta=dict(k=int),
+                 files=dict(ids=('ids', 'k per position'), probs=('float16', 'k per position'))),
+    'is': dict(target=is_target, loss='rskd',
+               meta=dict(rounds=int, sampler=str, proposal_temperature=float),
+               files=dict(lengths=('uint8', 'position'), ids=('ids', 'entry'),
+                          counts=('uint8', 'entry'), weights=('float32', 'entry'),
+                          seq_offsets=('uint64', 'sequence'))),
+}
 
 def stored_weights(meta, stored):
     # the reader's one branch per method: a batch's stored arrays -> (ids, weights) for the loss
@@ -182,17 +167,19 @@ def stored_weights(meta, stored):
         return pad_rows(stored['lengths'], stored['ids'], stored['counts'] / meta['rounds'])
     if meta['method'] == 'topk':  # the teacher's own probabilities
         return stored['ids'], stored['probs'].float()
+    if meta['method'] == 'is':  # (c / N)(t / q): drawn from q, unbiased for t
+        w = stored['counts'] / meta['rounds'] * stored['weights']
+        return pad_rows(stored['lengths'], stored['ids'], w)
     raise NotImplementedError(f"no reader for {meta['method']} caches: add it to stored_weights")
 
 # -----------------------------------------------------------------------------
 # the method, part 2: the losses. float32, (B, T, V) logits in, a scalar out; never a dense target
 
 def sparse_kd_loss(logits, ids, w):
-    # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids only, with p the student's
-    # softmax over the FULL vocabulary. RS-KD: w = c / N sums to 1, and the gradient w.r.t. the
-    # logits is p - w, unbiased for full KD's p - t. Vanilla Top-K: w = the top K probabilities, the
-    # gradient is (sum_K t) p - t_K: biased (and as sum w < 1, the loss is no divergence and can go
-    # below 0). Padding has w = 0, so it adds nothing.
+    # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids only, p the student's softmax
+    # over the FULL vocabulary. RS-KD: w = c / N sums to 1, and the gradient w.r.t. the logits is
+    # p - w, unbiased for full KD's p - t. Vanilla Top-K: w = the top K probabilities, the gradient
+    # is (sum_K t) p - t_K: biased (and with sum w < 1 the loss can go below 0). Padding: w = 0.
     logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids)  # (B, T, K)
     return (torch.xlogy(w, w) - w * logp).sum(-1).mean()
 
@@ -209,6 +196,26 @@ def ghost_kd_loss(logits, ids, t):
         tail_t = torch.zeros_like(tail_t)
     tail = torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p
     return ((torch.xlogy(t, t) - t * logp).sum(-1) + tail).mean()
+
+def smooth_kd_loss(logits, ids, t):
+    # label smoothing of the leftover mass: the V - K tokens outside the top K share 1 - T_K
+    # evenly, u = (1 - T_K) / (V - K) each. Their term sum_{j not in K} u (log u - log p_j) needs
+    # only the sum of their log p_j: the sum over the whole vocabulary minus the K gathered ones
+    logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logp = logp_all.gather(-1, ids)
+    n_tail = logits.shape[-1] - ids.shape[-1]
+    u = (1 - t.sum(-1)).clamp(min=0) / max(n_tail, 1)  # (K = V: no tail, and its sum below is 0)
+    tail_logp = logp_all.sum(-1, dtype=torch.float64) - logp.sum(-1, dtype=torch.float64)
+    tail = n_tail * torch.xlogy(u, u) - u * tail_logp.float()
+    return ((torch.xlogy(t, t) - t * logp).sum(-1) + tail).mean()
+
+def naive_kd_loss(logits, ids, t, targets):
+    # the "naive fix": the leftover mass 1 - T_K goes to the ground-truth token, added to its weight
+    # when it is among the K, else as one more entry; then the sparse KL as above
+    rest = (1 - t.sum(-1, keepdim=True)).clamp(min=0)
+    hit = ids == targets.unsqueeze(-1)  # (B, T, K)
+    w = torch.cat([t + rest * hit, rest * ~hit.any(-1, keepdim=True)], -1)
+    return sparse_kd_loss(logits, torch.cat([ids, targets.unsqueeze(-1)], -1), w)
 
 def full_kd_loss(logits, teacher_logits):
     # KL(t || p) = sum_v t_v (log t_v - log p_v) over the whole vocabulary: the upper bound
@@ -227,13 +234,12 @@ def seq_generators(seed, seqs, device):
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + s) for s in seqs]
 
 def sample_draws(probs, rounds, gens, sampler='multinomial', group_size=16):
-    # `rounds` draws with replacement from each row of probs (B, T, V) (unnormalised is fine), sorted
-    # per row, (B, T, rounds). Both samplers put points in (0, 1] and return the token whose CDF
-    # interval (cdf[i-1], cdf[i]] holds each point: token i is drawn with probability exactly p_i.
-    # multinomial: `rounds` independent uniform points (the paper).
-    # systematic: ONE uniform u per row and the grid (j + 1 - u) / N, j = 0..N-1. Point j is uniform
-    # on its own slice (j/N, (j+1)/N], so E[c_i] = N p_i: still exactly unbiased. But the points are
-    # evenly spaced, so c_i is always floor or ceil of N p_i: far lower variance.
+    # `rounds` draws with replacement from each row of probs (B, T, V) (unnormalised is fine),
+    # sorted per row. Each point in (0, 1] picks the token whose CDF interval (cdf[i-1], cdf[i]]
+    # holds it: token i is drawn with probability exactly p_i. multinomial: `rounds` independent
+    # uniform points. systematic: ONE uniform u per row and the grid (j + 1 - u) / N, j = 0..N-1:
+    # point j is uniform on its own slice (j/N, (j+1)/N], so E[c_i] = N p_i, still unbiased, and
+    # c_i is always floor or ceil of N p_i: far lower variance.
     B, T, V = probs.shape
     width = rounds if sampler == 'multinomial' else 1
     uniform = torch.stack([torch.rand(T, width, generator=gen, device=gen.device, dtype=torch.float64)
@@ -264,8 +270,8 @@ def sample_draws(probs, rounds, gens, sampler='multinomial', group_size=16):
 
 def group_reduce(probs, op, group_size=16):
     # (..., V) -> (..., n_groups): the 'sum' or 'max' of each group of ~group_size tokens. Token j
-    # is in group j % n_groups, so a group's members are n_groups apart and this is one vectorised
-    # pass over a (V // n_groups, n_groups) view, plus the last tokens, which join the first groups
+    # is in group j % n_groups: one vectorised pass over a (V // n_groups, n_groups) view, plus the
+    # last tokens, which join the first groups
     reduce, combine = (torch.sum, torch.add) if op == 'sum' else (torch.amax, torch.maximum)
     V = probs.shape[-1]
     n_groups = -(-V // group_size)
@@ -358,19 +364,9 @@ def run_cache(cfg, env):
         if seqs:
             part = cache_batch(teacher, get_batch(tokens, seqs, T, env)[0], seqs, cfg, env)
         parts = gather_on_master(part, env)  # rank 0 writes all, in rank order = sequence order
-        if not env.master:
-            continue
-        arrays = {name: [] for name in handles}
-        for part in filter(None, parts):
-            if 'seq_offsets' in handles:  # where each sequence's entries end (the file starts at 0)
-                per_seq = part['lengths'].reshape(-1, T).sum(1, dtype=np.uint64)
-                part['seq_offsets'] = meta['entries'] + np.cumsum(per_seq, dtype=np.uint64)
-            for name in handles:
-                arrays[name].append(part[name])
-            meta['entries'] += len(part['ids'])
-        # the chunk's data made durable first, then meta.json: it never runs ahead of the data
-        commit_chunk(handles, arrays, meta, min(lo + B * env.world, S), cfg.cache_dir)
-        progress(meta['seqs_done'] * T)
+        if env.master:  # each file's part appended and made durable, then meta.json: never ahead
+            commit_chunk(handles, parts, meta, min(lo + B * env.world, S), cfg.cache_dir)
+            progress(meta['seqs_done'] * T)
     if env.type == 'cuda':
         torch.cuda.synchronize()
     tok_s = (S - start) * T / (time.time() - t0)
@@ -419,6 +415,10 @@ def make_loss(name, cfg, env, teacher=None):
             kd = full_kd_loss(logits, teacher_logits)
         elif name == 'topk' and cfg.topk_tail == 'ghost':
             kd = ghost_kd_loss(logits, *sparse)
+        elif name == 'topk' and cfg.topk_tail == 'smooth':
+            kd = smooth_kd_loss(logits, *sparse)
+        elif name == 'topk' and cfg.topk_tail == 'naive':
+            kd = naive_kd_loss(logits, *sparse, targets)
         else:
             kd = sparse_kd_loss(logits, *sparse)
         if cfg.alpha:  # optional ground-truth mixing (the paper uses none)
@@ -443,25 +443,22 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
         s[1] += targets.numel()
         # ECE: top-1 confidence in NBINS bins, sum_b (n_b / n) |accuracy_b - confidence_b|
         conf, pred = logp.max(-1)
-        conf = conf.exp().flatten()
+        conf, correct = conf.exp().flatten(), (pred == targets).flatten().float()
         bins = (conf * NBINS).long().clamp(max=NBINS - 1)
-        correct = (pred == targets).flatten().float()
         for j, weight in enumerate((None, conf, correct)):  # positions, confidence, accuracy per bin
             s[4 + j * NBINS:4 + (j + 1) * NBINS] += torch.bincount(bins, weight, minlength=NBINS)
-        if teacher is not None:
-            with env.ctx:
+        if teacher is not None:  # KL(teacher || student), and speculative decoding's expected
+            with env.ctx:  # acceptance with the student drafting: sum_v min(p, t) = 1 - TV
                 logt = F.log_softmax(teacher(idx).float(), dim=-1)
-            s[2] += (logt.exp() * (logt - logp)).sum()  # KL(teacher || student)
-            # speculative decoding's expected acceptance, student drafting: sum_v min(p, t) = 1 - TV
+            s[2] += (logt.exp() * (logt - logp)).sum()
             s[3] += torch.minimum(logp.exp(), logt.exp()).sum()
     if env.ddp:
         dist.all_reduce(s)
     model.train()
     s = s.tolist()
     n, bins = s[1], list(zip(s[4:4 + NBINS], s[4 + NBINS:4 + 2 * NBINS], s[4 + 2 * NBINS:]))
-    # reliability: per bin [positions, mean confidence, accuracy], the reliability diagram
-    ece = sum(abs(acc - conf) for _, conf, acc in bins) / n
-    out = dict(val_loss=s[0] / n, val_ppl=math.exp(s[0] / n), ece=ece,
+    out = dict(val_loss=s[0] / n, val_ppl=math.exp(s[0] / n),
+               ece=sum(abs(acc - conf) for _, conf, acc in bins) / n,
                reliability=[[m, conf / max(m, 1), acc / max(m, 1)] for m, conf, acc in bins])
     if teacher is not None:
         out.update(kl_teacher=s[2] / n, spec_accept=s[3] / n)
@@ -484,11 +481,9 @@ def run_train(cfg, env, ckpt=None):
     # sparse targets come from the cache. The teacher is needed by fullkd, and otherwise feeds only
     # the kl_teacher/spec_accept metrics (the cache's own teacher if it still exists, or --teacher)
     cache_meta, reader = None, None
-    names = [cfg.teacher] if cfg.mode == 'train' else []  # (--mode teacher has no teacher)
     if loss_name in ('rskd', 'topk'):
         cache_meta, reader = open_cache(cfg, loss_name, tokens, V, env)
-        names = [cache_meta['teacher']['name'], cfg.teacher]
-    teacher = find_teacher(names, loss_name == 'fullkd', cache_meta, cfg.cache_dir, V, T, env)
+    teacher = find_teacher(cfg, loss_name == 'fullkd', cache_meta, V, env)
 
     torch.manual_seed(cfg.seed)
     shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
@@ -579,22 +574,16 @@ def run_train(cfg, env, ckpt=None):
 def main(argv=None):
     args = parse_args(Config, sys.argv[1:] if argv is None else argv, TEACHER, __doc__.split('\n')[1])
     cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS)  # defaults < resumed run < CLI
-    env = setup(cfg)
-    try:
-        with user_errors(cfg):  # Ctrl-C, a full disk, a read-only folder: one line, work kept
-            if cfg.mode in ('teacher', 'train'):
-                run_train(cfg, env, ckpt)
-            elif cfg.mode == 'cache':
-                run_cache(cfg, env)
-            else:
-                import bench
-                bench.run_bench(cfg, env)
-    finally:
-        if env.ddp:
-            # free DDP (and the gloo work it holds) while Python is fully alive: left to interpreter
-            # shutdown, a gloo worker can abort the process after the run has finished
-            gc.collect()
-            dist.destroy_process_group()
+    env = setup(cfg)  # torchrun's rank, the device, --dtype's autocast context (env.ctx), --compile
+    # Ctrl-C, a full disk, a read-only folder: one line, finished work kept; DDP torn down cleanly
+    with ddp_teardown(env), user_errors(cfg):
+        if cfg.mode in ('teacher', 'train'):
+            run_train(cfg, env, ckpt)
+        elif cfg.mode == 'cache':
+            run_cache(cfg, env)
+        else:
+            import bench
+            bench.run_bench(cfg, env)
 
 if __name__ == '__main__':
     main()

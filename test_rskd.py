@@ -459,6 +459,87 @@ def test_rskd_gradient_is_unbiased_and_topk_is_not():
     assert (g_top - g_full).norm() > 50 * math.sqrt((1 - (t ** 2).sum()) / (N * 20000))  # 50 standard errors
 
 
+@pytest.mark.parametrize('tau', [0.8, 1.2])
+def test_importance_sampling_is_unbiased(tau):
+    # draws from q ∝ t^tau, weights t / q: the mean of (c / N)(t / q) over M rows estimates t
+    N, M = 50, 4000
+    probs = P97.expand(1, M, V).clone()
+    target = rskd.is_target(probs, rskd.Config(rounds=N, proposal_temperature=tau), [torch.Generator().manual_seed(0)])
+    ids, w = rskd.pad_rows(target['lengths'], target['ids'], target['counts'] / N * target['weights'])
+    est = torch.zeros(M, V).scatter_add_(1, ids, w).mean(0).double()
+    q = P97.double() ** tau / (P97.double() ** tau).sum()
+    weight = torch.where(P97 > 0, P97.double() / q, torch.zeros_like(q))
+    # c_i ~ Binomial(N, q_i): the estimate's standard error is weight_i sqrt(q_i (1 - q_i) / (N M))
+    tol = 5 * weight * torch.sqrt(q * (1 - q) / (N * M)) + 1e-7
+    assert ((est - P97.double()).abs() <= tol).all()
+    assert target['counts'].sum() == N * M and (target['weights'] > 0).all()
+    # the stored weight is t / q to float32 precision, and tau moves the draws as it should
+    drawn = torch.repeat_interleave(torch.arange(M), target['lengths'].flatten())
+    assert torch.allclose(target['weights'].double(), weight[target['ids']], rtol=1e-6)
+    plain = sample_counts(P97, N, M, 'multinomial')[1].float().mean()
+    assert (target['lengths'].float().mean() > plain) == (tau < 1), (target['lengths'].float().mean(), plain)
+    assert drawn.max() == M - 1
+
+
+def test_is_cache_at_tau_1_is_the_rs_cache_plus_unit_weights(tmp_path, data, teacher, caches):
+    run(*cache_args(data, teacher, tmp_path / 'is', '--method', 'is'))
+    rs, is_ = files_of(caches['rs']), files_of(tmp_path / 'is')
+    assert set(is_) == set(rs) | {'weights.bin'}
+    for name in ('lengths.bin', 'ids.bin', 'counts.bin', 'seq_offsets.bin'):
+        assert is_[name] == rs[name]  # the same draws
+    assert np.abs(np.frombuffer(is_['weights.bin'], np.float32) - 1).max() < 1e-5
+    assert json.loads(is_['meta.json'])['proposal_temperature'] == 1.0
+    # --method rs with tau != 1 makes an is cache; it trains with --loss rskd
+    run(*cache_args(data, teacher, tmp_path / 'is8', '--proposal_temperature', 0.8))
+    meta = json.load(open(tmp_path / 'is8' / 'meta.json'))
+    assert meta['method'] == 'is' and meta['proposal_temperature'] == 0.8
+    assert meta['entries'] > json.loads(rs['meta.json'])['entries']  # a flatter proposal, more ids
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'is8', '--teacher', teacher, *TINY,
+        '--max_iters', 4, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
+    lines = [json.loads(l) for l in open(tmp_path / 'o' / 'metrics.jsonl')]
+    assert lines[-1]['val_loss'] < lines[0]['val_loss']
+
+
+def dense_topk_remedy(t_logits, k, tail, targets):
+    """The Top-K remedies' dense float64 targets: the top k probabilities, plus the leftover mass
+    spread evenly over the other tokens (smooth) or given to the ground-truth token (naive)."""
+    t = torch.softmax(t_logits.double(), -1)
+    top = t.topk(k)
+    dense = torch.zeros_like(t).scatter(-1, top.indices, top.values)
+    rest = 1 - top.values.sum(-1, keepdim=True)
+    if tail == 'smooth':
+        dense = dense + rest / (t.shape[-1] - k) * (dense == 0)
+    else:
+        dense = dense.scatter_add(-1, targets.unsqueeze(-1), rest)
+    return top.indices, top.values.float(), dense
+
+
+@pytest.mark.parametrize('tail', ['smooth', 'naive'])
+def test_topk_remedies_match_float64_and_their_gradient(tail):
+    torch.manual_seed(0)
+    logits = (torch.randn(2, 6, V) * 2).requires_grad_()
+    t_logits = torch.randn(2, 6, V) * 3
+    targets = torch.randint(0, V, (2, 6))
+    targets[0, 0] = t_logits[0, 0].argmax()  # the label inside the top k (the naive fix adds to it)
+    ids, t, dense = dense_topk_remedy(t_logits, 5, tail, targets)
+    assert torch.allclose(dense.sum(-1), torch.ones(2, 6, dtype=torch.float64))
+    if tail == 'smooth':
+        loss = rskd.smooth_kd_loss(logits, ids, t)
+    else:
+        loss = rskd.naive_kd_loss(logits, ids, t, targets)
+    logp = torch.log_softmax(logits.double(), -1)
+    ref = (torch.xlogy(dense, dense) - dense * logp).sum(-1).mean()  # KL(target || p), float64
+    assert abs(loss.item() - ref.item()) < 1e-5, (loss.item(), ref.item())
+    g, = torch.autograd.grad(loss, logits)
+    # the gradient of KL(q || p) w.r.t. the logits is (p - q) / positions, as q sums to 1
+    expected = (torch.softmax(logits.double(), -1) - dense) / 12
+    assert torch.allclose(g.double(), expected, atol=1e-7)
+    if tail == 'smooth':  # K = V: no tail, the loss is full KD
+        full = torch.arange(V).expand(2, 6, V)
+        value = rskd.smooth_kd_loss(logits, full, torch.softmax(t_logits, -1))
+        assert abs(value.item() - rskd.full_kd_loss(logits, t_logits).item()) < 1e-5
+
+
 def ghost_float64(logits, ids, t):
     p = torch.softmax(logits.double(), -1)
     p_k, t = p.gather(-1, ids), t.double()
@@ -519,7 +600,8 @@ def test_ece_and_spec_accept_by_hand():
 FIELDS = {'iter', 'loss', 'seed', 'train_loss', 'tok_s', 'val_loss', 'val_ppl', 'ece', 'reliability', 'kl_teacher', 'spec_accept'}
 
 
-@pytest.mark.parametrize('loss', [['rskd'], ['topk'], ['topk', '--topk_tail', 'ghost'], ['fullkd'], ['ce'],
+@pytest.mark.parametrize('loss', [['rskd'], ['topk'], ['topk', '--topk_tail', 'ghost'], ['topk', '--topk_tail', 'smooth'],
+                                  ['topk', '--topk_tail', 'naive'], ['fullkd'], ['ce'],
                                   ['rskd', '--alpha', '0.5']])
 def test_each_loss_trains_and_logs_every_metric(tmp_path, data, teacher, caches, loss, capsys):
     cache = caches['topk' if loss[0] == 'topk' else 'rs']
@@ -539,13 +621,14 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
     run('--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', tmp_path, *TINY)
     res = json.load(open(tmp_path / 'bench.json'))
     for key in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes'):
-        assert set(res[key]) == {'ce', 'rskd', 'topk', 'ghost', 'fullkd'} and all(v >= 0 for v in res[key].values())
+        assert set(res[key]) == {'ce', 'rskd', 'topk', 'ghost', 'smooth', 'naive', 'fullkd'} and all(v >= 0 for v in res[key].values())
     assert all(v > 0 for v in res['step_ms'].values())
     assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == {'rs', 'topk'}
     assert [len(res['cache_runs_tok_s'][k]) for k in ('fwd', 'rs', 'topk')] == [10, 5, 5]
     assert all(r > 0 for r in res['cache_ratio_vs_fwd'].values())
     r_eq = res['systematic_equal_storage_rounds']
-    assert set(res['grad_angle_deg']) == {'rskd', 'topk12', 'topk50', 'ghost12', 'systematic50', f'systematic{r_eq}'}
+    assert set(res['grad_angle_deg']) == {'rskd', 'topk12', 'topk50', 'ghost12', 'smooth12', 'naive12', 'systematic50',
+                                          f'systematic{r_eq}', 'is0.8', 'is1.2'}
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
     assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
 
@@ -594,7 +677,7 @@ def test_a_new_target_goes_in_through_the_table(tmp_path, data, teacher, monkeyp
         np.concatenate([probs[:16], probs[5 * 16:6 * 16]]).astype(np.float32)))
     # each forgotten step fails loudly: a loss that takes no such cache, a missing reader branch,
     # a target that fills a file the table does not list
-    assert 'is a top1 cache, --loss rskd needs a rs cache' in fail(
+    assert 'is a top1 cache, --loss rskd needs a rs or is cache' in fail(
         capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'rskd')
     monkeypatch.setattr(rskd, 'stored_weights', stored_weights)
     with pytest.raises(NotImplementedError, match='no reader for top1 caches'):
@@ -627,6 +710,21 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
     assert '| CE | 3.015 ± 0.005 | 2.00 ± 0.00 | 0.100 ± 0.000 | 90.0 ± 0.0 | 1.00 | - |' in out
     assert '| Full KD | 8.015 ± 0.005 |' in out and 'unique)' in out
     assert out.count('\n| 0.') == 5  # the five merged confidence bins
+
+
+def test_bench_rounds_sweep(tmp_path, data, teacher):
+    import bench
+    cfg = rskd.Config(data_dir=data, teacher=teacher, out_dir=str(tmp_path), block_size=16, batch_size=4,
+                      n_layer=1, n_head=2, n_embd=16, device='cpu', seed=3)
+    bench.run_rounds(cfg, rskd.setup(cfg), sweep=(3, 20), n_seqs=8)
+    res = json.load(open(tmp_path / 'rounds.json'))
+    multi, syst = (np.array(res['distinct_per_position'][s]) for s in ('multinomial', 'systematic'))
+    assert len(multi) == len(syst) == 255 and multi[0] == syst[0] == 1  # one draw, one id
+    assert (multi <= np.arange(1, 256)).all() and (multi <= V).all()
+    assert multi[0] < multi[4] < multi[49] < multi[254]  # more rounds, more distinct ids
+    assert syst[49] > multi[49]  # evenly spaced points hit more distinct ids than independent ones
+    assert {'multinomial3', 'systematic3', 'multinomial20', 'systematic20'} <= set(res['grad_angle_deg'])
+    assert res['unique_per_position']['multinomial3'] <= 3
 
 
 # ----------------------------------------------------------------------------- scale out
