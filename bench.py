@@ -200,10 +200,24 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
                 times[name].append(time.time() - t0)
                 mem[name] = max(mem[name], peak_memory(env) - base)
     step_ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+    # what reading a batch's rows costs, with and without their checks (checksums, values), interleaved
+    read_ms = {}
+    for loss, method in (('rskd', 'rs'), ('topk', 'topk')):
+        run_cfg = replace(vanilla, cache_dir=dirs[method])
+        plain = rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env, checked=False)[1]
+        samples = dict(checked=[], unchecked=[])
+        for _ in range(20):
+            for kind, read in (('checked', readers[loss]), ('unchecked', plain)):
+                t0 = time.time()
+                read(seqs)
+                samples[kind].append(time.time() - t0)
+        read_ms[method] = {k: 1000 * float(np.median(v)) for k, v in samples.items()}
+    check_share = {m: (r['checked'] - r['unchecked']) / step_ms['rskd' if m == 'rs' else 'topk']
+                   for m, r in read_ms.items()}
     kind = 'cuda max allocated' if env.type == 'cuda' else 'RSS peak growth during the step'
     return dict(step_ms=step_ms, step_ratio_vs_ce={k: v / step_ms['ce'] for k, v in step_ms.items()},
                 tok_s={k: B * T / v * 1000 for k, v in step_ms.items()}, peak_mem_bytes=mem,
-                peak_mem_kind=kind)
+                peak_mem_kind=kind, read_ms=read_ms, check_cost_share_of_step=check_share)
 
 
 def report(res, cfg):
@@ -213,6 +227,9 @@ def report(res, cfg):
     for k in STEP_METHODS:
         print(f"{k:8} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
               f"{res['peak_mem_bytes'][k] / 2**20:8.0f}")
+    for m, r in res['read_ms'].items():
+        print(f"reading a batch of the {m} cache: {r['checked']:.2f} ms with its checksums and values checked, "
+              f"{r['unchecked']:.2f} ms without ({100 * res['check_cost_share_of_step'][m]:.2f}% of a step)")
     speed, ratio = res['cache_tok_s'], res['cache_ratio_vs_fwd']
     print(f"teacher forward {res['teacher_fwd_tok_s']:,.0f} tok/s; cache rs {speed['rs']:,.0f} tok/s "
           f"({ratio['rs']:.2f}x), topk {speed['topk']:,.0f} tok/s ({ratio['topk']:.2f}x); x: the median of "

@@ -14,6 +14,7 @@ Every function that finds a problem the user can fix calls die(): one line that 
 """
 import argparse
 import errno
+import fcntl
 import gc
 import hashlib
 import importlib.util
@@ -24,6 +25,7 @@ import re
 import signal
 import sys
 import time
+import zlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field, fields, replace
 from types import SimpleNamespace
@@ -92,6 +94,8 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
     ckpt = None
     if mode in ('teacher', 'train'):
         ckpt_path = os.path.join(args.get('out_dir', base.get('out_dir', config_cls.out_dir)), 'ckpt.pt')
+        if os.path.isdir(ckpt_path):
+            die(f"{ckpt_path} is a folder, not a checkpoint: move it away or use another --out_dir")
         if args.get('resume'):  # the saved run's config, then whatever this command line changes
             ckpt = load_checkpoint(ckpt_path)
             base.update({k: v for k, v in ckpt['config'].items() if k in config_cls.__dataclass_fields__})
@@ -101,8 +105,8 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
         elif os.path.exists(ckpt_path):
             die(f"{ckpt_path} already exists: continue it with --resume true, or use another --out_dir")
     world = int(os.environ.get('WORLD_SIZE', 1))
-    if mode == 'bench' and 'RANK' in os.environ:
-        die("--mode bench measures one process: run it with python, not torchrun")
+    if mode in ('bench', 'verify') and 'RANK' in os.environ:
+        die(f"--mode {mode} runs in one process: run it with python, not torchrun")
     if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
         args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
     cfg = config_cls(**{**base, **args})
@@ -115,6 +119,19 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
 
 
 def check_config(cfg):
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            die(f"--{f.name} must be a finite number, got {value}")
+    if not 0 <= cfg.seed < 2 ** 40:  # (seed * 1_000_003 + sequence must fit a generator's seed)
+        die(f"--seed must be between 0 and 2**40, got {cfg.seed}")
+    folders = ['data_dir'] + (['cache_dir'] if cfg.mode in ('cache', 'verify') else [])
+    folders += ['out_dir'] if cfg.mode in ('teacher', 'train', 'bench') else []
+    folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in ('rskd', 'topk') else []
+    for name in folders:
+        path = getattr(cfg, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            die(f"--{name} {path} is a file, not a folder: pass a folder")
     if not 1 <= cfg.rounds <= 255:
         die(f"--rounds must be 1..255 (counts are stored as uint8), got {cfg.rounds}")
     for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd',
@@ -181,6 +198,22 @@ def setup(cfg):
     return env
 
 
+def check_model_size(cfg, V, env):
+    """Refuse, before allocating it, a model whose weights, gradients and AdamW moments (16 bytes a
+    parameter) and one step's float32 logits cannot fit in this machine's (or GPU's) memory."""
+    C, L = cfg.n_embd, cfg.n_layer
+    params = (V + 63) // 64 * 64 * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
+    need = 16 * params + 3 * 4 * cfg.batch_size * cfg.block_size * V
+    if env.type == 'cuda':
+        have = torch.cuda.mem_get_info(env.device)[1]
+    else:
+        have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if need > have:
+        die(f"a model of {params / 1e6:,.0f}M parameters needs about {need / 2**30:,.0f} GiB for its weights, "
+            f"gradients, optimizer state and logits, and this {env.type} has {have / 2**30:,.0f} GiB: use a "
+            f"smaller --n_layer, --n_embd or --batch_size")
+
+
 def check_batching(cfg, world, S):
     """Micro-steps per rank, after checking that a step divides among the ranks and fits the data."""
     if cfg.gradient_accumulation_steps % world:
@@ -197,31 +230,33 @@ def check_batching(cfg, world, S):
 
 def read_json(path, schema, what):
     """Parse a meta.json and check it field by field against schema (name -> type or nested schema)."""
-    if not os.path.exists(path):
-        die(f"{path} not found: {what}")
+    if not os.path.isfile(path):
+        die(f"{path} {'is a folder, not a file' if os.path.isdir(path) else 'not found'}: {what}")
     try:
         with open(path) as f:
             d = json.load(f)
     except (ValueError, UnicodeDecodeError):
         die(f"{path} is not valid JSON: {what}")
-    check_fields(d, schema, path)
+    check_fields(d, schema, path, what)
     return d
 
 
-def check_fields(d, schema, where):
+def check_fields(d, schema, where, what=''):
     if not isinstance(d, dict) or set(d) != set(schema):
         have = set(d) if isinstance(d, dict) else set()
         die(f"{where}: missing fields {sorted(set(schema) - have)}, unexpected fields {sorted(have - set(schema))};"
-            f" it was not written by this version of rskd")
+            f" it was not written by this version of rskd{': ' + what if what else ''}")
     for k, kind in schema.items():
         if isinstance(kind, dict):
-            check_fields(d[k], kind, f"{where} field '{k}'")
+            check_fields(d[k], kind, f"{where} field '{k}'", what)
         elif not isinstance(d[k], kind) or (kind is int and isinstance(d[k], bool)):
             die(f"{where}: field '{k}' should be {getattr(kind, '__name__', 'a number')}, found {d[k]!r}")
 
 
 DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens=int, val_tokens=int,
-                 train_docs=int, val_docs=int, val_fraction=(int, float), source=list)
+                 train_docs=int, val_docs=int, train_crc32=int, val_crc32=int, val_fraction=(int, float),
+                 source=list)
+SCANNED = {}  # (path, size, mtime, tokens used) -> the sha256 of those tokens, from check_data's scan
 
 
 def on_master(fn, env):
@@ -246,8 +281,8 @@ def check_data(data_dir, split, T, max_seqs, env):
     meta.json, the file's size, that it holds at least one block, and that every token is below V."""
     meta = read_json(os.path.join(data_dir, 'meta.json'), DATA_META, "run prepare_data.py first")
     path, V = os.path.join(data_dir, f'{split}.bin'), meta['vocab_size']
-    if not os.path.exists(path):
-        die(f"{path} not found: rerun prepare_data.py")
+    if not os.path.isfile(path):
+        die(f"{path} {'is a folder, not a file' if os.path.isdir(path) else 'not found'}: rerun prepare_data.py")
     size = os.path.getsize(path)
     if size % 2 or size // 2 != meta[f'{split}_tokens']:
         die(f"{path} has {size} bytes, meta.json says {meta[f'{split}_tokens']} uint16 tokens: rerun prepare_data.py")
@@ -256,17 +291,34 @@ def check_data(data_dir, split, T, max_seqs, env):
         n = min(n, max_seqs * T + 1)
     if n < T + 1:
         die(f"{path} holds {n} tokens, fewer than one block of {T}+1: use a smaller --block_size or more data")
-    tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(n,))
+    stat = os.stat(path)
 
-    def largest():  # a chunked scan, never the whole file in RAM
-        return max(int(tokens[i:i + (1 << 26)].max()) for i in range(0, n, 1 << 26))
-    if on_master(largest, env) >= V:
+    def scan():  # one chunked pass, never the whole file in RAM: crc32, largest id, sha256 of the first n
+        tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(size // 2,))
+        crc, largest, sha = 0, 0, hashlib.sha256()
+        for i in range(0, len(tokens), 1 << 24):
+            chunk = tokens[i:i + (1 << 24)]
+            crc = zlib.crc32(chunk, crc)
+            largest = max(largest, int(chunk.max()))
+            sha.update(chunk[:max(n - i, 0)].tobytes())
+        return crc, largest, sha.hexdigest()
+    crc, largest, sha = on_master(scan, env)
+    if crc != meta[f'{split}_crc32']:
+        die(f"{path} does not match the checksum in {data_dir}/meta.json: the file is damaged (or was changed "
+            f"after prepare_data.py); rerun prepare_data.py")
+    if largest >= V:
         die(f"{path} holds token ids >= vocab_size {V}: it was not made with this tokenizer")
+    SCANNED[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n)] = sha
     return path, n, V
 
 
 def data_fingerprint(tokens, path, env):
     """{path, n_tokens, sha256 of the tokens used}: a cache records it, training compares it."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, len(tokens))
+    if key in SCANNED:  # check_data's pass has hashed them already
+        return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=SCANNED[key])
+
     def sha256():
         h = hashlib.sha256()
         for i in range(0, len(tokens), 1 << 26):
@@ -306,13 +358,14 @@ def write_json(d, path):
     save_atomic(write, path)
 
 
-def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config):
+def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config, evals):
     """Everything an exact resume needs, atomically: the plain model (no compile/DDP prefixes), the
-    optimizer's moments, the scaler, the RNG, the step and the config."""
+    optimizer's moments, the scaler, the RNG, the step and the config; and every eval record so far,
+    from which a resume rebuilds metrics.jsonl (so a kill between the two loses no line)."""
     state = dict(model=model.state_dict(), model_config=asdict(model.config),
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state(),
                  iter_num=it, seqs_seen=it * config['batch_size'] * config['gradient_accumulation_steps'],
-                 best_val_loss=best_val_loss, config=config)
+                 best_val_loss=best_val_loss, config=config, evals=evals)
 
     def write(f):
         torch.save(state, f)
@@ -329,16 +382,29 @@ def restore(ckpt, model, optimizer, scaler):
 
 
 def start_metrics(metrics_path, ckpt):
-    """OUT_DIR and, for a new run, an empty metrics.jsonl (a resumed run appends to its own)."""
+    """The eval records so far: none for a new run, which starts an empty metrics.jsonl; a resumed
+    run's from its checkpoint, and metrics.jsonl rewritten to hold exactly those (whatever a kill
+    left after the checkpoint, or before a line was appended)."""
     os.makedirs(os.path.dirname(metrics_path) or '.', exist_ok=True)
-    if not ckpt:
-        open(metrics_path, 'w').close()
+    evals = ckpt.get('evals', []) if ckpt else []
+    if ckpt and 'evals' not in ckpt and os.path.isfile(metrics_path):  # a checkpoint of an older rskd
+        with open(metrics_path) as f:
+            lines = [json.loads(line) for line in f if line.strip().endswith('}')]
+        evals = [r for r in lines if r.get('iter', math.inf) <= ckpt['iter_num']]
+    data = ''.join(json.dumps(record) + '\n' for record in evals).encode()
+
+    def write(f):
+        f.write(data)
+    save_atomic(write, metrics_path)
+    return list(evals)
 
 
 def log_eval(metrics_path, record):
     """Append one eval's JSON line to metrics.jsonl (after its checkpoint is saved) and print it."""
     with open(metrics_path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
     shown = ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept')
     print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown if k in record))
 
@@ -452,20 +518,112 @@ VALID_VALUES = dict(rounds=lambda r: 1 <= r <= 255, sampler=lambda s: s in ('mul
                     k=lambda k: k >= 1, proposal_temperature=lambda tau: 0 < tau < math.inf)
 
 
+def file_units(meta, formats):
+    """name -> (numpy dtype, unit) of each file of a cache: its method's files, then checksums.bin,
+    which every cache has: one crc32 per sequence, over that sequence's bytes in all the other files."""
+    files = {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, unit)
+             for name, (dtype, unit) in formats[meta['method']]['files'].items()}
+    return dict(files, checksums=('uint32', 'crc'))
+
+
 def file_sizes(meta, formats):
-    """Each file's numpy dtype and number of elements once meta['seqs_done'] sequences are written:
-    formats[method]['files'] gives name -> (dtype, what the file has one element per)."""
+    """Each file's numpy dtype and number of elements once meta['seqs_done'] sequences are written."""
     P = meta['seqs_done'] * meta['block_size']
     count = {'position': P, 'k per position': P * meta.get('k', 0), 'entry': meta['entries'],
-             'sequence': meta['seqs_done'] + 1}
-    files = formats[meta['method']]['files']
-    return {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, count[unit]) for name, (dtype, unit) in files.items()}
+             'sequence': meta['seqs_done'] + 1, 'crc': meta['seqs_done']}
+    return {name: (dtype, count[unit]) for name, (dtype, unit) in file_units(meta, formats).items()}
+
+
+def per_sequence(meta, unit):
+    """Elements per sequence of a fixed-width file."""
+    return meta['block_size'] * (meta['k'] if unit == 'k per position' else 1)
+
+
+def sequence_crcs(arrays, units, meta, seqs, base):
+    """crc32 of each sequence in seqs over its bytes in every file, in file order. arrays[name] holds
+    the file's elements from global element base[name] on; in a ragged format arrays['seq_offsets']
+    gives where each sequence's entries start. The writer and the reader both use this."""
+    crcs = []
+    offsets, first = arrays.get('seq_offsets'), base.get('seq_offsets', 0)
+    for s in seqs:
+        crc = 0
+        for name, (_, unit) in units.items():
+            if unit == 'entry':
+                lo, hi = int(offsets[s - first]), int(offsets[s + 1 - first])
+                if not 0 <= hi - lo <= meta['block_size'] * 255:  # damaged offsets: read nothing
+                    crc = -1
+                    break
+            elif unit == 'sequence':  # the sequence's own start and end
+                lo, hi = s, s + 2
+            elif unit == 'crc':
+                continue
+            else:
+                lo, hi = s * per_sequence(meta, unit), (s + 1) * per_sequence(meta, unit)
+            crc = zlib.crc32(np.ascontiguousarray(arrays[name][lo - base[name]:hi - base[name]]), crc)
+        crcs.append(crc)
+    return crcs
+
+
+def check_rows(meta, rows):
+    """The values the format guarantees, on one batch's rows (name -> numpy array; ragged methods'
+    'lengths' per position): True if they hold. ids below V; in ragged methods at least one id per
+    position, ascending, counts positive and summing to the rounds; Top-K probabilities finite, in
+    [0, 1] and descending; importance weights finite and positive."""
+    ids = rows['ids'].astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= meta['vocab_size']):
+        return False
+    if 'lengths' in rows:
+        lengths = rows['lengths'].astype(np.int64)
+        if (lengths < 1).any() or lengths.sum() != len(ids):
+            return False
+        starts = np.cumsum(lengths) - lengths  # each position's first entry
+        new_position = np.zeros(len(ids), bool)
+        new_position[starts] = True
+        if (np.diff(ids) <= 0)[~new_position[1:]].any():
+            return False
+    if 'counts' in rows:
+        counts = rows['counts'].astype(np.int64)
+        if (counts < 1).any() or (np.add.reduceat(counts, starts) != meta['rounds']).any():
+            return False
+    if 'probs' in rows:
+        probs = rows['probs'].astype(np.float32).reshape(-1, meta.get('k', 1))  # (positions, K)
+        if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
+            return False
+        if (np.diff(probs, axis=1) > 0).any():
+            return False
+    if 'weights' in rows:
+        weights = rows['weights']
+        if not np.isfinite(weights).all() or (weights <= 0).any():
+            return False
+    return True
+
+
+def damaged(cache_dir, seqs):
+    """The message for damaged sequences: which ones, and what to do."""
+    ranges = to_ranges(seqs)
+    shown = ', '.join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges[:5]) + (", ..." if len(ranges) > 5 else "")
+    return (f"{cache_dir} is damaged: sequence(s) {shown} do not match their checksums or hold values rskd "
+            f"never writes; run --mode verify --cache_dir {cache_dir} to list every damaged range, then make "
+            f"the cache again with --mode cache (into an empty --cache_dir)")
+
+
+def to_ranges(seqs):
+    """Sorted sequence numbers -> [(first, last), ...] of consecutive runs."""
+    ranges = []
+    for s in seqs:
+        if ranges and s == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], s)
+        else:
+            ranges.append((s, s))
+    return ranges
 
 
 def read_cache_meta(cache_dir, formats):
     """CACHE_DIR/meta.json, checked against the common schema and its method's own fields."""
     path = os.path.join(cache_dir, 'meta.json')
-    if not os.path.exists(path):
+    if os.path.isdir(path):
+        die(f"{path} is a folder, not a file: {cache_dir} is not a cache; pass another --cache_dir")
+    if not os.path.isfile(path):
         die(f"no cache in {cache_dir}: make one with --mode cache --cache_dir {cache_dir}")
     with open(path) as f:
         try:
@@ -475,7 +633,9 @@ def read_cache_meta(cache_dir, formats):
     if method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: delete {cache_dir} and rerun --mode cache")
     meta = read_json(path, {**CACHE_META, **formats[method]['meta']}, "rerun --mode cache")
-    valid = (meta['format'] == 'rskd-cache' and meta['version'] == 1 and meta['ids_dtype'] in ('uint16', 'int32')
+    if meta['version'] == 1:
+        die(f"{cache_dir} was made by an older rskd, before caches had checksums: make it again with --mode cache")
+    valid = (meta['format'] == 'rskd-cache' and meta['version'] == 2 and meta['ids_dtype'] in ('uint16', 'int32')
              and 0 <= meta['seqs_done'] <= meta['num_seqs'])
     valid = valid and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
     for k in formats[method]['meta']:
@@ -486,16 +646,83 @@ def read_cache_meta(cache_dir, formats):
     return meta
 
 
-def cache_memmaps(cache_dir, sizes):
-    """The cache's files (sizes: name -> (dtype, elements)), memory-mapped, after checking each one's size."""
+def cache_memmaps(cache_dir, meta, formats):
+    """The cache's files, memory-mapped, after checking each one's size against meta.json."""
     mm = {}
-    for name, (dt, n) in sizes.items():
+    for name, (dt, n) in file_sizes(meta, formats).items():
         path = os.path.join(cache_dir, f'{name}.bin')
         if not os.path.exists(path) or os.path.getsize(path) != n * np.dtype(dt).itemsize:
             die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; delete it "
                 f"and make it again with --mode cache")
         mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,))
     return mm
+
+
+def check_batch(mm, units, meta, seqs, rows, cache_dir):
+    """A batch's rows against their checksums and the format's values, before any step uses them."""
+    crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
+    bad = [s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]]
+    if not bad and not check_rows(meta, rows):
+        bad = [s for s in seqs if not check_rows(meta, read_rows(mm, units, meta, [s]))]
+    if bad:
+        die(damaged(cache_dir, sorted(set(bad))))
+
+
+def read_rows(mm, units, meta, seqs):
+    """The stored elements of sequences seqs, file by file (no offsets, no checksums)."""
+    rows = {}
+    for name, (_, unit) in units.items():
+        if unit == 'entry':  # ragged: sequence s's entries lie between seq_offsets[s] and [s+1]
+            spans = [(int(mm['seq_offsets'][s]), int(mm['seq_offsets'][s + 1])) for s in seqs]
+        elif unit in ('sequence', 'crc'):
+            continue
+        else:
+            n = per_sequence(meta, unit)
+            spans = [(s * n, (s + 1) * n) for s in seqs]
+        if any(not 0 <= a <= b <= min(len(mm[name]), a + meta['block_size'] * 255) for a, b in spans):
+            spans = [(0, 0)] * len(spans)  # damaged offsets: check_batch reports them
+        rows[name] = np.concatenate([mm[name][a:b] for a, b in spans])
+    return rows
+
+
+def verify_cache(cfg, env, formats):
+    """--mode verify: every committed sequence of CACHE_DIR against its checksum and the format's
+    values, and the data in --data_dir against its own checksum and the cache's fingerprint. Lists
+    every damaged range; exits 1 if there is one."""
+    meta = read_cache_meta(cfg.cache_dir, formats)
+    mm, units = cache_memmaps(cfg.cache_dir, meta, formats), file_units(meta, formats)
+    S, T = meta['seqs_done'], meta['block_size']
+    if os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
+        # the tokens it covers: all of the split, or the first max_seqs * T + 1 (--max_seqs)
+        n_file = os.path.getsize(os.path.join(cfg.data_dir, f"{meta['split']}.bin")) // 2
+        max_seqs = 0 if meta['data']['n_tokens'] == n_file else (meta['data']['n_tokens'] - 1) // T
+        path, n, _ = check_data(cfg.data_dir, meta['split'], T, max_seqs, env)
+        tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(n,))
+        if data_fingerprint(tokens, path, env)['sha256'] != meta['data']['sha256']:
+            die(f"{cfg.cache_dir} was made from other tokens than {path}'s: pass the --data_dir it was made from")
+        print(f"verify: {path} matches its checksum and the cache's data fingerprint")
+    else:
+        print(f"note: no data in --data_dir {cfg.data_dir}, so only the cache itself is verified")
+    bad, t0 = [], time.time()
+    progress = progress_printer('verify', 'positions', 0, S * T)
+    for lo in range(0, S, 1024):
+        seqs = list(range(lo, min(lo + 1024, S)))
+        crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
+        wrong = {s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]}
+        whole = [s for s in seqs if s not in wrong]
+        if whole and not check_rows(meta, read_rows(mm, units, meta, whole)):
+            wrong |= {s for s in whole if not check_rows(meta, read_rows(mm, units, meta, [s]))}
+        bad += sorted(wrong)
+        progress(seqs[-1] * T + T)
+    size = sum(os.path.getsize(os.path.join(cfg.cache_dir, f'{name}.bin')) for name in units)
+    dt = max(time.time() - t0, 1e-9)
+    for a, b in to_ranges(bad):
+        print(f"damaged: sequences {a}-{b} (positions {a * T:,}-{(b + 1) * T - 1:,})")
+    if bad:
+        die(f"{cfg.cache_dir}: {len(bad):,} of {S:,} sequences are damaged, in the {len(to_ranges(bad))} "
+            f"ranges above: make the cache again with --mode cache (into an empty --cache_dir)")
+    print(f"verify: {cfg.cache_dir} is intact: {S:,} sequences{'' if meta['complete'] else ' (so far)'}, "
+          f"{size / 1e6:,.1f} MB in {dt:.1f}s ({size / 1e6 / dt:,.0f} MB/s)")
 
 
 def resume_cache(cache_dir, meta, formats, env):
@@ -510,7 +737,7 @@ def resume_cache(cache_dir, meta, formats, env):
             die(f"{cache_dir} holds a cache made with a different {key} ({a} vs now {b}): use another "
                 f"--cache_dir, or delete it to start over")
     if old['complete']:
-        cache_memmaps(cache_dir, file_sizes(old, formats))  # its files are whole
+        cache_memmaps(cache_dir, old, formats)  # its files are whole
         if env.master:
             print(f"{cache_dir} is complete ({old['num_seqs']} sequences): nothing to do")
     return old
@@ -521,6 +748,7 @@ def open_cache_files(cache_dir, meta, formats, env):
     for no sequences: nothing, or seq_offsets' leading 0. On resume the files are cut back to what
     meta.json has committed, and a chunk written after the last commit is redone."""
     sizes = file_sizes(meta, formats)
+    units = file_units(meta, formats)
     files = {name: (os.path.join(cache_dir, f'{name}.bin'), dt, n) for name, (dt, n) in sizes.items()}
     meta_path = os.path.join(cache_dir, 'meta.json')
     if env.master:
@@ -540,28 +768,45 @@ def open_cache_files(cache_dir, meta, formats, env):
             write_json(meta, meta_path)
     if env.ddp:
         dist.barrier()
+    if not env.master:
+        return {}
     # unbuffered: a failed commit leaves no bytes in Python's buffers, to land later behind a resume
-    return {name: (open(path, 'ab', buffering=0), dt) for name, (path, dt, n) in files.items()} if env.master else {}
+    return {name: (open(path, 'ab', buffering=0), dt, units[name][1]) for name, (path, dt, n) in files.items()}
 
 
 def commit_chunk(handles, parts, meta, seqs_done, cache_dir):
     """Append the parts (one per rank, in sequence order; None for a rank without sequences) to their
-    files, make them durable, then record seqs_done in meta.json: meta.json never runs ahead."""
+    files, each sequence's crc32 to checksums.bin, make them all durable, then record seqs_done in
+    meta.json: meta.json never runs ahead of the data."""
+    units = {name: (dt, unit) for name, (_, dt, unit) in handles.items()}
+    fixed = next(name for name, (_, unit) in units.items() if unit in ('position', 'k per position'))
     arrays = {name: [] for name in handles}
+    first = meta['seqs_done']
     for part in filter(None, parts):
-        if 'seq_offsets' in handles:  # a ragged format: where each sequence's entries end
-            per_seq = part['lengths'].reshape(-1, meta['block_size']).sum(1, dtype=np.uint64)
-            part['seq_offsets'] = meta['entries'] + np.cumsum(per_seq, dtype=np.uint64)
+        part = {name: a.astype(units[name][0]) for name, a in part.items()}
+        n = len(part[fixed]) // per_sequence(meta, units[fixed][1])  # sequences in this part
+        base = {name: first * per_sequence(meta, unit) for name, (_, unit) in units.items()
+                if unit in ('position', 'k per position')}
+        base.update({name: meta['entries'] for name, (_, unit) in units.items() if unit == 'entry'})
+        if 'seq_offsets' in units:  # a ragged format: each sequence's start, then where each one ends
+            per_seq = part['lengths'].reshape(n, -1).sum(1, dtype=np.uint64)
+            part['seq_offsets'] = meta['entries'] + np.concatenate([[0], np.cumsum(per_seq)]).astype(np.uint64)
+            base['seq_offsets'] = first
+        crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
+        part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
+        if 'seq_offsets' in units:
+            part['seq_offsets'] = part['seq_offsets'][1:]  # the file holds the leading 0 already
         for name in handles:
             arrays[name].append(part[name])
         meta['entries'] += len(part['ids'])
+        first += n
     try:
-        for name, (f, dt) in handles.items():
+        for name, (f, dt, _) in handles.items():
             for a in arrays[name]:
                 data = memoryview(a.astype(dt).tobytes())
                 while data:  # an unbuffered write may take only part
                     data = data[f.write(data):]
-        for f, _ in handles.values():
+        for f, _, _ in handles.values():
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
@@ -573,7 +818,7 @@ def commit_chunk(handles, parts, meta, seqs_done, cache_dir):
 
 
 def close_cache(handles, meta, cache_dir, tok_s):
-    for f, _ in handles.values():
+    for f, _, _ in handles.values():
         f.close()
     P = meta['num_seqs'] * meta['block_size']
     size = sum(os.path.getsize(os.path.join(cache_dir, f'{name}.bin')) for name in handles)
@@ -646,6 +891,33 @@ def stop_everywhere(stop, env):
 
 
 @contextmanager
+def folder_lock(cfg, env):
+    """One run at a time per output folder (out_dir; cache_dir in cache and verify modes): an flock on
+    FOLDER/.lock, held for the run. The OS drops it when its holder dies, so a killed run's lock file
+    never blocks the next one; the file keeps the pid of the run that holds it."""
+    folder = cfg.cache_dir if cfg.mode in ('cache', 'verify') else cfg.out_dir
+    if not env.master or (cfg.mode == 'verify' and not os.path.isdir(folder)):
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, '.lock'), 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            die(f"{folder} is in use by another rskd run (process {f.read().strip() or '?'}): wait for it "
+                f"to finish, or use another folder")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)  # (the lock itself goes with the file's close)
+
+
+@contextmanager
 def ddp_teardown(env):
     """Under DDP, free DDP (and the gloo work it holds) while Python is fully alive, then end the
     process group: left to interpreter shutdown, a gloo worker can abort a finished run."""
@@ -664,6 +936,10 @@ def user_errors(cfg):
         yield
     except KeyboardInterrupt:
         die("interrupted" + (": rerun the same command to resume the cache" if cfg.mode == 'cache' else ""))
+    except (IsADirectoryError, NotADirectoryError) as e:  # a folder where a file belongs, or the reverse
+        path = e.filename2 or e.filename or '?'  # (a rename's destination is filename2)
+        what = 'a folder where rskd needs a file' if os.path.isdir(path) else 'not a folder where rskd needs one'
+        die(f"{path} is {what}: move it away or pass another path")
     except OSError as e:  # anywhere not handled more precisely
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
             raise

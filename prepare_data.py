@@ -18,6 +18,7 @@ import re
 import sys
 import sysconfig
 import time
+import zlib
 
 import numpy as np
 
@@ -103,6 +104,7 @@ def main(argv=None):
         print(f"{args.out} holds an unfinished run (killed?): starting over")
     out = {s: open(final[s] + '.tmp', 'wb') for s in final}  # renamed into place only once complete
     n_tokens, n_docs = dict(train=0, val=0), dict(train=0, val=0)
+    crc = dict(train=0, val=0)  # crc32 of each .bin, checked whenever a run reads it
     total_bytes, done_bytes, t0 = sum(os.path.getsize(f) for f in files), 0, time.time()
 
     def flush(batch):
@@ -112,7 +114,9 @@ def main(argv=None):
         for (text, last), tokens in zip(batch, enc.encode_ordinary_batch(texts, num_threads=os.cpu_count())):
             i = n_docs['train'] + n_docs['val']  # this document's index in the corpus
             split = 'val' if math.ceil((i + 1) * args.val_fraction) > math.ceil(i * args.val_fraction) else 'train'
-            out[split].write(np.array(tokens + [enc.eot_token] * last, dtype=np.uint16).tobytes())
+            data = np.array(tokens + [enc.eot_token] * last, dtype=np.uint16).tobytes()
+            out[split].write(data)
+            crc[split] = zlib.crc32(data, crc[split])
             n_tokens[split] += len(tokens) + last
             n_docs[split] += last
             done_bytes += len(text)
@@ -150,6 +154,7 @@ def main(argv=None):
     meta = dict(tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token, dtype='uint16',
                 train_tokens=n_tokens['train'], val_tokens=n_tokens['val'],
                 train_docs=n_docs['train'], val_docs=n_docs['val'],
+                train_crc32=crc['train'], val_crc32=crc['val'],
                 val_fraction=args.val_fraction, source=[os.path.abspath(s) for s in sources])
     with open(meta_path + '.tmp', 'w') as f:
         json.dump(meta, f, indent=1)

@@ -25,13 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from guardrails import (cache_memmaps, check_batching, check_cache_for_run, check_cache_options,
-                        check_data, check_step, check_val_loss, close_cache, commit_chunk,
-                        data_fingerprint, ddp_teardown, die, file_sizes, find_teacher,
-                        gather_on_master, load_teacher, log_eval, open_cache_files, opt,
-                        parse_args, progress_printer, read_cache_meta, resolve_config, restore,
+from guardrails import (cache_memmaps, check_batch, check_batching, check_cache_for_run,
+                        check_cache_options, check_data, check_model_size, check_step,
+                        check_val_loss, close_cache, commit_chunk, data_fingerprint, ddp_teardown,
+                        die, file_units, find_teacher, folder_lock, gather_on_master,
+                        load_teacher, log_eval, open_cache_files, opt, parse_args,
+                        progress_printer, read_cache_meta, read_rows, resolve_config, restore,
                         resume_cache, save_checkpoint, setup, start_metrics, stop_everywhere,
-                        stop_requested, user_errors)
+                        stop_requested, user_errors, verify_cache)
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -39,7 +40,7 @@ from model import GPT, GPTConfig
 
 @dataclass
 class Config:
-    mode: str = opt('train', "what to run", ('teacher', 'cache', 'train', 'bench'))
+    mode: str = opt('train', "what to run", ('teacher', 'cache', 'train', 'bench', 'verify'))
     data_dir: str = opt('data', "train.bin, val.bin and meta.json from prepare_data.py")
     out_dir: str = opt('out', "ckpt.pt, metrics.jsonl and bench.json go here")
     cache_dir: str = opt('cache-rs', "the teacher cache: written by --mode cache, read by training")
@@ -347,7 +348,7 @@ def run_cache(cfg, env):
     teacher, teacher_info = load_teacher(cfg.teacher, V, T, env)
     data = data_fingerprint(tokens, os.path.join(cfg.data_dir, f'{cfg.split}.bin'), env)
     # meta.json: what the cache holds, what made it, how far it got (the only record of progress)
-    meta = dict(format='rskd-cache', version=1, method=cfg.method, vocab_size=V, block_size=T,
+    meta = dict(format='rskd-cache', version=2, method=cfg.method, vocab_size=V, block_size=T,
                 num_seqs=S, seed=cfg.seed, split=cfg.split, teacher=teacher_info, data=data,
                 ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
                 complete=False, seqs_done=0, entries=0)
@@ -374,26 +375,21 @@ def run_cache(cfg, env):
         close_cache(handles, meta, cfg.cache_dir, tok_s)  # and print its size per position
     return tok_s  # (for bench)
 
-def open_cache(cfg, loss, tokens, V, env):
+def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader): reader(seqs) gives the batch's sparse targets (ids, w), each (B, T, K), from
     # the memory-mapped files, only those sequences' rows; what they mean is the cache's own method
     meta = read_cache_meta(cfg.cache_dir, FORMATS)
     data = data_fingerprint(tokens, os.path.join(cfg.data_dir, 'train.bin'), env)
     check_cache_for_run(meta, cfg, loss, V, data, FORMATS)  # complete, for this loss, T and data
-    sizes = file_sizes(meta, FORMATS)  # elements per file
-    mm = cache_memmaps(cfg.cache_dir, sizes)  # each file's size checked against meta.json
-    files = {name: f for name, f in FORMATS[meta['method']]['files'].items() if f[1] != 'sequence'}
+    mm, units = cache_memmaps(cfg.cache_dir, meta, FORMATS), file_units(meta, FORMATS)  # sizes checked
+    ids_files = [name for name, (dtype, _) in FORMATS[meta['method']]['files'].items() if dtype == 'ids']
 
     def reader(seqs):
-        stored = {}
-        for name, (dtype, unit) in files.items():
-            if unit == 'entry':  # ragged: sequence s's entries lie between seq_offsets[s] and [s+1]
-                spans = zip(mm['seq_offsets'][seqs], mm['seq_offsets'][np.asarray(seqs) + 1])
-            else:  # the same number of elements in every sequence
-                n = sizes[name][1] // meta['num_seqs']
-                spans = [(s * n, (s + 1) * n) for s in seqs]
-            array = np.concatenate([mm[name][a:b] for a, b in spans])
-            stored[name] = torch.from_numpy(array.astype(np.int64) if dtype == 'ids' else array)
+        rows = read_rows(mm, units, meta, seqs)  # each file's elements of these sequences
+        if checked:  # against their checksums and the format's values: damage stops the run here
+            check_batch(mm, units, meta, seqs, rows, cfg.cache_dir)
+        stored = {name: torch.from_numpy(a.astype(np.int64) if name in ids_files else a)
+                  for name, a in rows.items()}
         ids, w = stored_weights(meta, stored)
         if env.type == 'cuda':  # copied while the GPU is busy with the previous step
             ids, w = ids.pin_memory(), w.pin_memory()
@@ -485,6 +481,7 @@ def run_train(cfg, env, ckpt=None):
         cache_meta, reader = open_cache(cfg, loss_name, tokens, V, env)
     teacher = find_teacher(cfg, loss_name == 'fullkd', cache_meta, V, env)
 
+    check_model_size(cfg, V, env)  # before allocating: weights, gradients and moments must fit
     torch.manual_seed(cfg.seed)
     shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     model = GPT(GPTConfig(block_size=T, vocab_size=V, **shape)).to(env.device)
@@ -503,8 +500,9 @@ def run_train(cfg, env, ckpt=None):
     val_seqs = np.unique(np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val)).round().astype(int))
     ckpt_path, metrics_path = (os.path.join(cfg.out_dir, f) for f in ('ckpt.pt', 'metrics.jsonl'))
     tokens_per_step = B * T * micro_steps * env.world
+    # every eval record so far (the checkpoint holds them; a resume rewrites metrics.jsonl from it)
+    evals = start_metrics(metrics_path, ckpt) if env.master else []
     if env.master:
-        start_metrics(metrics_path, ckpt)  # a new run starts an empty metrics.jsonl
         print(f"{cfg.mode} ({loss_name}): {raw_model.num_params() / 1e6:.1f}M parameters, {S:,} "
               f"sequences of {T}, {tokens_per_step:,} tokens per step, {env.device} {env.dtype}"
               f"{', compiled' if env.compile else ''}{f', {env.world} ranks' if env.ddp else ''}")
@@ -517,14 +515,15 @@ def run_train(cfg, env, ckpt=None):
                 check_val_loss(m['val_loss'], it, ckpt_path)  # a NaN model is never saved
                 if env.master:  # first the checkpoint, then the line that reports it
                     best_val_loss = min(best_val_loss, m['val_loss'])
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, it, best_val_loss, asdict(cfg))
-                    log_eval(metrics_path, dict(iter=it, loss=loss_name, seed=cfg.seed, train_loss=lossf,
-                                                tok_s=train_tokens / train_time if train_time else None, **m))
+                    evals.append(dict(iter=it, loss=loss_name, seed=cfg.seed, train_loss=lossf,
+                                      tok_s=train_tokens / train_time if train_time else None, **m))
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, it, best_val_loss, asdict(cfg), evals)
+                    log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
             if stop_everywhere(stop, env):  # every rank stops at the same step
                 if env.master:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, it, best_val_loss, asdict(cfg))
+                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, it, best_val_loss, asdict(cfg), evals)
                     print(f"interrupted: saved {ckpt_path} at iter {it}. Resume with the same "
                           f"command plus --resume true")
                 return
@@ -576,11 +575,13 @@ def main(argv=None):
     cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS)  # defaults < resumed run < CLI
     env = setup(cfg)  # torchrun's rank, the device, --dtype's autocast context (env.ctx), --compile
     # Ctrl-C, a full disk, a read-only folder: one line, finished work kept; DDP torn down cleanly
-    with ddp_teardown(env), user_errors(cfg):
+    with ddp_teardown(env), user_errors(cfg), folder_lock(cfg, env):  # one run per output folder
         if cfg.mode in ('teacher', 'train'):
             run_train(cfg, env, ckpt)
         elif cfg.mode == 'cache':
             run_cache(cfg, env)
+        elif cfg.mode == 'verify':  # every sequence of a cache against its checksum, and its data
+            verify_cache(cfg, env, FORMATS)
         else:
             import bench
             bench.run_bench(cfg, env)

@@ -7,6 +7,7 @@ tolerances of a few standard errors computed from the sample size.
 """
 import dataclasses
 import errno
+import fcntl
 import json
 import math
 import os
@@ -14,6 +15,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
+import zlib
 
 import numpy as np
 import pytest
@@ -44,7 +47,8 @@ def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
     toks[:n_train].tofile(os.path.join(d, 'train.bin'))
     toks[n_train:].tofile(os.path.join(d, 'val.bin'))
     meta = dict(tokenizer='gpt2', vocab_size=vocab, eot=vocab - 1, dtype='uint16', train_tokens=n_train,
-                val_tokens=n_val, train_docs=1, val_docs=1, val_fraction=0.1, source=['synthetic'])
+                val_tokens=n_val, train_docs=1, val_docs=1, train_crc32=zlib.crc32(toks[:n_train].tobytes()),
+                val_crc32=zlib.crc32(toks[n_train:].tobytes()), val_fraction=0.1, source=['synthetic'])
     with open(os.path.join(d, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return str(d)
@@ -66,8 +70,9 @@ def fail(capsys, *argv):
 
 
 def files_of(d):
+    """Every file under d and its bytes, but the lock file (which holds the pid of the last run)."""
     return {os.path.relpath(os.path.join(r, n), d): open(os.path.join(r, n), 'rb').read()
-            for r, _, names in os.walk(d) for n in names}
+            for r, _, names in os.walk(d) for n in names if n != '.lock'}
 
 
 def final_weights(out_dir):
@@ -91,10 +96,10 @@ def teacher(tmp_path_factory, data):
 @pytest.fixture(scope='session')
 def caches(tmp_path_factory, data, teacher):
     d = tmp_path_factory.mktemp('caches')
-    for method in ('rs', 'topk'):
+    for method in ('rs', 'topk', 'is'):
         run('--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d / method,
-            '--method', method, '--k', 5, *TINY)
-    return {m: str(d / m) for m in ('rs', 'topk')}
+            '--method', method, '--k', 5, *TINY, *(['--proposal_temperature', 0.8] if method == 'is' else []))
+    return {m: str(d / m) for m in ('rs', 'topk', 'is')}
 
 # ----------------------------------------------------------------------------- data and model
 
@@ -125,6 +130,8 @@ def test_prepare_data_round_trip(tmp_path):
         pieces = np.split(tokens, np.flatnonzero(tokens == enc.eot_token) + 1)[:-1]
         assert [enc.decode(p[:-1].tolist()) for p in pieces] == texts
     assert meta['vocab_size'] == 50257 and meta['eot'] == 50256 and meta['tokenizer'] == 'gpt2'
+    for split in ('train', 'val'):  # the checksum every run checks
+        assert meta[f'{split}_crc32'] == zlib.crc32(open(tmp_path / 'out1' / f'{split}.bin', 'rb').read())
 
 
 def test_prepare_data_big_file_in_pieces(tmp_path, monkeypatch):
@@ -631,6 +638,7 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
                                           f'systematic{r_eq}', 'is0.8', 'is1.2'}
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
     assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
+    assert set(res['read_ms']) == {'rs', 'topk'} and all(v['checked'] > 0 for v in res['read_ms'].values())
 
 def test_help_comes_from_the_config_fields():
     p = subprocess.run([sys.executable, 'rskd.py', '--help'], capture_output=True, text=True, cwd=HERE)
@@ -815,12 +823,31 @@ def bad_inputs(tmp, data, teacher, caches):
         edit(f'{tmp}/cache')
         return f'{tmp}/cache'
 
-    def set_token(d, value):
+    def set_token(d, value, fix_checksum=True):  # one token of train.bin changed, meta.json's crc too
         np.memmap(f'{d}/train.bin', np.uint16, 'r+')[5] = value
+        if fix_checksum:
+            edit_meta(f'{d}/meta.json', train_crc32=zlib.crc32(open(f'{d}/train.bin', 'rb').read()))
 
     def garbage():
         open(f'{tmp}/bad.pt', 'wb').write(b'not a checkpoint')
         return f'{tmp}/bad.pt'
+
+    def a_file():
+        open(f'{tmp}/a_file', 'w').write('not a folder')
+        return f'{tmp}/a_file'
+
+    def folder_instead(d, name):  # a file of d replaced by a folder
+        os.remove(f'{d}/{name}')
+        os.makedirs(f'{d}/{name}')
+
+    def locked(folder):  # another run holds the folder (its lock is held by this test process)
+        os.makedirs(folder, exist_ok=True)
+        held = open(f'{folder}/.lock', 'a+')
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write('4242')
+        held.flush()
+        LOCKS.append(held)
+        return folder
     nan_probs = lambda d: np.full(os.path.getsize(f'{d}/probs.bin') // 2, np.nan, np.float16).tofile(f'{d}/probs.bin')
     return {
         'missing data_dir': (lambda: ['--mode', 'train', '--data_dir', f'{tmp}/nope'], 'meta.json not found'),
@@ -853,7 +880,8 @@ def bad_inputs(tmp, data, teacher, caches):
         'unknown loss': (lambda: [*train, '--loss', 'mse'], "invalid choice: 'mse'"),
         'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
         'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
-        'non-finite loss': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'the loss became nan'),
+        'non-finite loss': (lambda: [*train, '--cache_dir', caches['rs'], '--alpha', 1e38], 'the loss became inf'),
+        'NaN in a cache': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'is damaged: sequence(s) '),
         'unknown device': (lambda: [*train, '--device', 'tpu'], '--device must be auto, cpu, cuda or cuda:N'),
         'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
         'tail without topk': (lambda: [*train, '--cache_dir', caches['rs'], '--topk_tail', 'ghost'], 'changes only --loss topk, not --loss rskd'),
@@ -865,18 +893,46 @@ def bad_inputs(tmp, data, teacher, caches):
                                                         ['--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', f'{tmp}/out', *TINY])[1],
                                               'is a student for vocab 97 and block_size 8'),
         'resume without checkpoint': (lambda: [*train, '--resume', 'true'], 'ckpt.pt not found'),
+        'out_dir is a file': (lambda: [*train, '--out_dir', a_file()], f'--out_dir {tmp}/a_file is a file, not a folder'),
+        'cache_dir is a file': (lambda: cache_args(data, teacher, a_file()), f'--cache_dir {tmp}/a_file is a file, not a folder'),
+        'data_dir is a file': (lambda: ['--mode', 'train', '--data_dir', a_file()], 'is a file, not a folder'),
+        'train.bin is a folder': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: folder_instead(d, 'train.bin'))], 'train.bin is a folder, not a file'),
+        'cache meta.json is a folder': (lambda: [*train, '--cache_dir', cache_with(lambda d: folder_instead(d, 'meta.json'))], 'meta.json is a folder, not a file'),
+        'ckpt.pt is a folder': (lambda: (os.makedirs(f'{tmp}/out/ckpt.pt'), [*train, '--resume', 'true'])[1], 'ckpt.pt is a folder, not a checkpoint'),
+        'metrics.jsonl is a folder': (lambda: (os.makedirs(f'{tmp}/out/metrics.jsonl'), [*train, '--cache_dir', caches['rs']])[1], 'metrics.jsonl is a folder where rskd needs a file'),
+        'nan learning_rate': (lambda: [*train, '--learning_rate', 'nan'], '--learning_rate must be a finite number, got nan'),
+        'inf alpha': (lambda: [*train, '--alpha', 'inf'], '--alpha must be a finite number, got inf'),
+        'nan proposal_temperature': (lambda: [*cache, '--proposal_temperature', 'nan'], '--proposal_temperature must be a finite number'),
+        'zero proposal_temperature': (lambda: [*cache, '--proposal_temperature', 0], '--proposal_temperature must be a positive number'),
+        'negative seed': (lambda: [*train, '--seed', -1], '--seed must be between 0 and 2**40'),
+        'huge seed': (lambda: [*train, '--seed', 10 ** 20], '--seed must be between 0 and 2**40'),
+        'model too big': (lambda: [*train, '--cache_dir', caches['rs'], '--n_layer', 200, '--n_embd', 16384], 'needs about'),
+        'damaged train.bin': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: set_token(d, 7, fix_checksum=False))], 'does not match the checksum'),
+        'data meta without checksums': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', train_crc32=None, val_crc32=None))], "missing fields ['train_crc32', 'val_crc32']"),
+        'version-1 cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', version=1))], 'made by an older rskd'),
+        'cache meta with impossible values': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', rounds=0))], 'holds values that rskd never writes'),
+        'out_dir in use': (lambda: [*train, '--cache_dir', caches['rs'], '--out_dir', locked(f'{tmp}/out')], 'is in use by another rskd run (process 4242)'),
+        'cache_dir in use': (lambda: cache_args(data, teacher, locked(f'{tmp}/c')), 'is in use by another rskd run (process 4242)'),
         'resume with another batch_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--batch_size', 8])[1],
                                            'a resumed run keeps its batch_size'),
     }
+
+
+LOCKS = []  # the lock files that bad_inputs' 'in use' cases hold
 
 
 @pytest.mark.parametrize('case', list(bad_inputs('', '', '', {})))
 def test_bad_input_gives_one_clear_line(case, tmp_path, data, teacher, caches, capsys):
     setup, words = bad_inputs(str(tmp_path), data, teacher, caches)[case]
     argv = setup()
-    before = {d: files_of(d) for d in (data, caches['rs'], caches['topk'], os.path.dirname(teacher))}
+    before = {d: files_of(d) for d in (data, *caches.values(), os.path.dirname(teacher), tmp_path)}
     assert words in fail(capsys, *argv)
-    assert {d: files_of(d) for d in before} == before  # nothing of the user's was touched
+    after = {d: files_of(d) for d in before}
+    # nothing of the user's was touched: every file there before is as it was
+    assert all({k: after[d].get(k) for k in files} == files for d, files in before.items())
+    for held in LOCKS:
+        held.close()
+    LOCKS.clear()
     if case == 'non-finite loss':  # the last good checkpoint (iter 0) is intact
         assert torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] == 0
 
@@ -884,6 +940,7 @@ def test_bad_input_gives_one_clear_line(case, tmp_path, data, teacher, caches, c
 def test_bench_refuses_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('RANK', '0')
     assert 'not torchrun' in fail(capsys, '--mode', 'bench', '--data_dir', tmp_path / 'none', '--out_dir', tmp_path)
+    assert 'not torchrun' in fail(capsys, '--mode', 'verify', '--data_dir', tmp_path / 'none', '--cache_dir', tmp_path)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, data, caches, capsys):
@@ -935,7 +992,8 @@ def test_sigkill_while_saving_keeps_the_last_good_checkpoint(tmp_path, data, cac
     run(*train_args(data, caches, tmp_path / 'ref'))
     args = [str(a) for a in train_args(data, caches, tmp_path / 'k')]
     # killed inside the 2nd checkpoint save (iter 4), after the temp file is written, before the rename
-    run_killed('os.replace', 2, f"import rskd\nrskd.main({args!r})")
+    # (the 1st rename is metrics.jsonl's, when the run starts)
+    run_killed('os.replace', 3, f"import rskd\nrskd.main({args!r})")
     assert os.path.exists(tmp_path / 'k' / 'ckpt.pt.tmp')
     assert torch.load(tmp_path / 'k' / 'ckpt.pt', weights_only=True)['iter_num'] == 0
     run(*args, '--resume', 'true')
@@ -978,6 +1036,208 @@ def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, ca
     assert not meta['complete'] and meta['seqs_done'] > 0
     run(*args)
     assert files_of(tmp_path / 'c') == files_of(caches['rs'])
+
+def affected_sequences(d, name, element):
+    """The sequences whose checksum covers element `element` of d/name.bin."""
+    meta = json.load(open(os.path.join(d, 'meta.json')))
+    T, S = meta['block_size'], meta['num_seqs']
+    if name == 'checksums':
+        return {element}
+    if name == 'seq_offsets':  # offsets[j] ends sequence j-1 and starts sequence j
+        return {s for s in (element - 1, element) if 0 <= s < S}
+    if name in ('lengths', 'probs') or meta['method'] == 'topk':
+        return {element // (T * (meta['k'] if meta['method'] == 'topk' else 1))}
+    offsets = np.fromfile(os.path.join(d, 'seq_offsets.bin'), np.uint64)
+    return {int(np.searchsorted(offsets, element, side='right')) - 1}
+
+
+def damage(path, dtype, element, kind):
+    """One element of a cache file damaged in place: its bits flipped, zeroed, or out of range."""
+    a = np.memmap(path, dtype=dtype, mode='r+')
+    before = a[element].copy()
+    if kind == 'flip':
+        a.view(np.uint8)[element * a.itemsize] ^= 0xFF
+    elif kind == 'zero':
+        a[element] = 0
+        if before == 0:  # nothing to zero here: zero the next nonzero element instead
+            element = int(np.flatnonzero(a)[0])
+            a[element] = 0
+    else:
+        a[element] = {'ids': 65000, 'counts': 200, 'lengths': 0, 'seq_offsets': 2 ** 62, 'checksums': 12345,
+                      'probs': 7.0, 'weights': -1.0}[os.path.basename(path)[:-4]]
+    a.flush()
+    return element
+
+
+DTYPES = dict(lengths='uint8', ids='uint16', counts='uint8', seq_offsets='uint64', checksums='uint32',
+              probs='float16', weights='float32')
+
+
+@pytest.mark.parametrize('method', ['rs', 'topk', 'is'])
+def test_damaged_cache_is_caught_before_its_rows_are_used(method, tmp_path, data, caches, capsys):
+    # every file of the cache, damaged at its start, middle and end by a bit flip, zeroes or a value out of
+    # range; training reads batches in order: the first batch holding a damaged sequence must stop the run,
+    # the batches before it must pass
+    src = caches[method]
+    names = sorted(n[:-4] for n in os.listdir(src) if n.endswith('.bin'))
+    cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
+    env = rskd.setup(cfg)
+    tokens = rskd.load_split(cfg, 'train', env)[0]
+    loss = 'topk' if method == 'topk' else 'rskd'
+    for name in names:
+        n = os.path.getsize(os.path.join(src, f'{name}.bin')) // np.dtype(DTYPES[name]).itemsize
+        for element in (0, n // 2, n - 1):
+            for kind in ('flip', 'zero', 'out of range'):
+                shutil.rmtree(tmp_path / 'c', ignore_errors=True)
+                shutil.copytree(src, tmp_path / 'c')
+                if name == 'seq_offsets' and element == 0 and kind == 'zero':
+                    element = 1  # (offsets[0] is 0 already)
+                hit = damage(str(tmp_path / 'c' / f'{name}.bin'), DTYPES[name], element, kind)
+                bad = affected_sequences(src, name, hit)
+                _, reader = rskd.open_cache(cfg, loss, tokens, V, env)
+                S = json.load(open(tmp_path / 'c' / 'meta.json'))['num_seqs']
+                for lo in range(0, S, 64):
+                    seqs = list(range(lo, min(lo + 64, S)))
+                    if bad & set(seqs):
+                        with pytest.raises(SystemExit):
+                            reader(seqs)
+                        err = capsys.readouterr().err
+                        assert 'is damaged: sequence(s) ' in err and str(min(bad & set(seqs))) in err, (name, kind, err)
+                        break
+                    reader(seqs)  # the batches before the damage pass
+                else:
+                    pytest.fail(f"{name}[{hit}] {kind}: not caught")
+
+
+def test_values_are_checked_even_where_a_checksum_matches(tmp_path, data, caches, capsys):
+    # a count set to 0 with its sequence's checksum recomputed (as a writer bug would leave it): the value
+    # checks stop the run all the same
+    shutil.copytree(caches['rs'], tmp_path / 'c')
+    meta = json.load(open(tmp_path / 'c' / 'meta.json'))
+    counts = np.memmap(tmp_path / 'c' / 'counts.bin', np.uint8, 'r+')
+    counts[0] = 0
+    counts.flush()
+    mm = {n[:-4]: np.fromfile(tmp_path / 'c' / n, DTYPES[n[:-4]]) for n in os.listdir(tmp_path / 'c') if n.endswith('.bin')}
+    units = guardrails.file_units(meta, rskd.FORMATS)
+    crc = guardrails.sequence_crcs(mm, units, meta, [0], {k: 0 for k in units})[0]
+    np.memmap(tmp_path / 'c' / 'checksums.bin', np.uint32, 'r+')[0] = crc
+    cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
+    env = rskd.setup(cfg)
+    _, reader = rskd.open_cache(cfg, 'rskd', rskd.load_split(cfg, 'train', env)[0], V, env)
+    reader([1, 2])
+    with pytest.raises(SystemExit):
+        reader([3, 0])
+    assert 'sequence(s) 0 do not match' in capsys.readouterr().err
+
+
+def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, caches, capsys, monkeypatch):
+    shutil.copytree(caches['topk'], tmp_path / 'c')
+    S, B = (20000 - 1) // 16, 4
+    order = rskd.draw_seqs(S, 3, 0, S)  # the data order of seed 3 (TINY)
+    victim = order[5 * B + 1]  # drawn in the 6th step (iter 5)
+    damage(str(tmp_path / 'c' / 'probs.bin'), 'float16', victim * 16 * 5 + 7, 'flip')
+    steps = []
+    real_step = torch.optim.AdamW.step
+
+    def counting_step(self, *a, **k):
+        steps.append(1)
+        return real_step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, 'step', counting_step)
+    err = fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'topk',
+               '--max_iters', 20, '--eval_interval', 4, '--out_dir', tmp_path / 'o')
+    assert f'sequence(s) {victim} do not match' in err
+    assert len(steps) == 5  # steps 0-4 ran; step 5, which drew the damaged sequence, never did
+    assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['iter_num'] == 4
+
+
+def test_verify_lists_every_damaged_range(tmp_path, data, caches, capsys):
+    run('--mode', 'verify', '--data_dir', data, '--cache_dir', caches['is'], *TINY)
+    assert f"{caches['is']} is intact: 1,249 sequences" in capsys.readouterr().out
+    shutil.copytree(caches['rs'], tmp_path / 'c')
+    damage(str(tmp_path / 'c' / 'lengths.bin'), 'uint8', 16 * 3 + 2, 'flip')  # sequence 3
+    damage(str(tmp_path / 'c' / 'seq_offsets.bin'), 'uint64', 101, 'flip')  # sequences 100 and 101
+    damage(str(tmp_path / 'c' / 'checksums.bin'), 'uint32', 1248, 'zero')  # the last one
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY)
+    out, err = capsys.readouterr()
+    assert e.value.code == 1 and err.count('\n') == 1
+    assert '4 of 1,249 sequences are damaged, in the 3 ranges above' in err
+    assert [line for line in out.splitlines() if line.startswith('damaged')] == [
+        'damaged: sequences 3-3 (positions 48-63)', 'damaged: sequences 100-101 (positions 1,600-1,631)',
+        'damaged: sequences 1248-1248 (positions 19,968-19,983)']
+    other = write_data(tmp_path / 'other', seed=1)  # the cache's data fingerprint: other tokens are refused
+    assert 'made from other tokens' in fail(capsys, '--mode', 'verify', '--data_dir', other, '--cache_dir', caches['rs'], *TINY)
+
+
+def test_a_folder_is_locked_while_a_run_writes_it(tmp_path, data, teacher, caches):
+    # a cache run that sleeps in its 2nd chunk holds cache_dir; a second one is refused with its pid; killed,
+    # it leaves the lock file behind, and that does not block the next run, which resumes
+    d = str(tmp_path / 'c')
+    args = cache_args(data, teacher, d)
+    slow = (f"import time, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.cache_batch, [0]\n"
+            f"def slow(*a, **k):\n    calls[0] += 1\n    if calls[0] == 2:\n        time.sleep(60)\n    return real(*a, **k)\n"
+            f"rskd.cache_batch = slow\nrskd.main({[str(a) for a in args]!r})\n")
+    first = subprocess.Popen([sys.executable, '-c', slow], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for _ in range(600):
+        if os.path.exists(f'{d}/meta.json') and json.load(open(f'{d}/meta.json'))['seqs_done']:
+            break
+        time.sleep(0.05)
+    second = subprocess.run([sys.executable, 'rskd.py', *map(str, args)], capture_output=True, text=True, cwd=HERE)
+    assert second.returncode == 1 and second.stderr.strip() == (
+        f"error: {d} is in use by another rskd run (process {first.pid}): wait for it to finish, or use another folder")
+    first.kill()
+    first.wait()
+    assert open(f'{d}/.lock').read() == str(first.pid)  # the stale lock file of a killed run
+    run(*args)
+    assert files_of(d) == files_of(caches['rs'])
+
+
+@pytest.mark.parametrize('where', ['before the rename', 'after the rename', 'half a line written'])
+def test_metrics_match_the_checkpoint_after_a_kill(tmp_path, data, caches, where):
+    run(*train_args(data, caches, tmp_path / 'ref'))
+    args = [str(a) for a in train_args(data, caches, tmp_path / 'k')]
+    if where == 'before the rename':  # the 2nd checkpoint's (os.replace's 1st call is metrics.jsonl's)
+        run_killed('os.replace', 3, f"rskd.main({args!r})")
+    else:  # the 2nd checkpoint renamed, its metrics line not yet appended
+        run_killed('guardrails.log_eval', 2, f"rskd.main({args!r})")
+    if where == 'half a line written':
+        open(tmp_path / 'k' / 'metrics.jsonl', 'a').write('{"iter": 4, "loss": "rs')
+    run(*args, '--resume', 'true')
+    ref, res = ([json.loads(line) for line in open(tmp_path / d / 'metrics.jsonl')] for d in ('ref', 'k'))
+    assert [r['iter'] for r in res] == [r['iter'] for r in ref] == [0, 4, 8, 10]  # none lost, none twice
+    assert [r['val_loss'] for r in res] == [r['val_loss'] for r in ref]
+
+
+def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
+    # SIGINT to the torchrun launcher mid-run: the 2 ranks stop at the same step and save; resumed, the run
+    # ends where an uninterrupted 2-process run does
+    common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 5,
+              '--max_iters', 40]
+    torchrun(2, *common, '--out_dir', tmp_path / 'ref')
+    slow = tmp_path / 'slow.py'  # each step takes a while, so that the signal lands mid-run
+    slow.write_text(f"import sys, time\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal = rskd.draw_seqs\n"
+                    f"def draw(*a):\n    time.sleep(0.1)\n    return real(*a)\nrskd.draw_seqs = draw\nrskd.main(sys.argv[1:])\n")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(slow),
+           *map(str, common), '--out_dir', str(tmp_path / 'int')]
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    metrics = tmp_path / 'int' / 'metrics.jsonl'
+    for _ in range(1200):
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # past iter 5
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert 'interrupted: saved' in out, out
+    saved = torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num']
+    assert 5 <= saved < 40
+    torchrun(2, *common, '--out_dir', tmp_path / 'int', '--resume', 'true')
+    ref, res = final_weights(tmp_path / 'ref'), final_weights(tmp_path / 'int')
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+    lines = [json.loads(line)['iter'] for line in open(metrics)]
+    assert lines == sorted(set(lines)) and lines[-1] == 40
+
 
 # ----------------------------------------------------------------------------- soak (not in CI)
 
