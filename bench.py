@@ -10,6 +10,7 @@ Every method is timed on the same batch, interleaved and rotated (A B C D E, B C
 drift of the machine cancels out of the ratios. Each caching run comes right after a bare teacher
 forward over the same batches, and the ratio is taken pair by pair.
 """
+import copy
 import glob
 import json
 import math
@@ -44,18 +45,20 @@ def run_bench(cfg, env):
     if ckpt and (ckpt['model_config']['vocab_size'] != V or ckpt['model_config']['block_size'] < T):
         die(f"{student_path} is a student for vocab {ckpt['model_config']['vocab_size']} and block_size "
             f"{ckpt['model_config']['block_size']}, this bench has {V} and {T}: use another --out_dir")
-    teacher, _ = load_teacher(cfg.teacher, V, T, env)
+    teacher, info = load_teacher(cfg.teacher, V, T, env)  # once, for every run below
     os.makedirs(cfg.out_dir, exist_ok=True)
     n = min(S, 4 * B)  # the sequences that the caching runs cover
-    caching = bench_caching(cfg, env, teacher, tokens, n)
+    caching = bench_caching(cfg, env, (teacher, info), tokens, n)
     student = fidelity_student(cfg, env, ckpt, V)
     seqs = list(range(B))
     idx, targets = rskd.get_batch(tokens, seqs, T, env)
     fidelity = bench_fidelity(cfg, env, teacher, student, idx, seqs, targets)
     steps = bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, caching['dirs'])
+    pipeline = bench_pipeline(cfg, env, tokens, V)
+    precision = bench_precision(teacher, idx, env)
     res = dict(device=env.name, dtype=env.dtype, compile=env.compile,
                model=dict(student=asdict(student.config), teacher=asdict(teacher.config), batch_size=B),
-               **steps, **caching['result'], **fidelity,
+               **steps, **caching['result'], **fidelity, **pipeline, teacher_bf16=precision,
                fidelity_student=student_path if ckpt else 'random init')
     write_json(res, os.path.join(cfg.out_dir, 'bench.json'))
     report(res, cfg)
@@ -73,9 +76,10 @@ def fidelity_student(cfg, env, ckpt, V):
     return student.to(env.device)
 
 
-def bench_caching(cfg, env, teacher, tokens, n):
+def bench_caching(cfg, env, loaded, tokens, n):
     """--mode cache against the bare teacher forward over the same n sequences, 5 pairs per method."""
     T, B = cfg.block_size, cfg.batch_size
+    teacher = torch.compile(loaded[0]) if env.compile else loaded[0]  # as --mode cache runs it
     batches = [rskd.get_batch(tokens, range(i, min(i + B, n)), T, env)[0] for i in range(0, n, B)]
 
     @torch.no_grad()
@@ -94,8 +98,8 @@ def bench_caching(cfg, env, teacher, tokens, n):
         for method, d in dirs.items():
             runs['fwd'].append(bare_forward())
             shutil.rmtree(d, ignore_errors=True)
-            run_cfg = replace(cfg, method=method, cache_dir=d, max_seqs=n, split='train')
-            runs[method].append(rskd.run_cache(run_cfg, env))
+            run_cfg = replace(cfg, method=method, cache_dir=d, max_seqs=n, split='train', commit_seconds=5.0)
+            runs[method].append(rskd.run_cache(run_cfg, env, loaded))
     speed = {k: float(np.median(v)) for k, v in runs.items()}
     ratio = {m: float(np.median(np.divide(runs[m], runs['fwd'][i::2]))) for i, m in enumerate(dirs)}
     result = dict(teacher_fwd_tok_s=speed['fwd'], cache_tok_s=dict(rs=speed['rs'], topk=speed['topk']),
@@ -166,6 +170,28 @@ def bench_fidelity(cfg, env, teacher, student, idx, seqs, targets, sweep=()):
                 unique_per_position=unique, systematic_equal_storage_rounds=r_eq)
 
 
+@torch.no_grad()
+def bench_precision(teacher, idx, env):
+    """The teacher's probabilities under bfloat16 autocast, with the output layer in float32 (as rskd
+    runs it) and in bfloat16 (as autocast alone would), each against float32 on the same batch."""
+    exact = teacher  # a float32 copy when --dtype cast the teacher's blocks
+    if any(p.dtype != torch.float32 for p in teacher.parameters()):
+        exact = copy.deepcopy(teacher).float()
+    t32 = torch.softmax(exact(idx).float(), -1)
+    out, head = {}, teacher.float32_head
+    for name, float32_head in (('float32 output layer', True), ('bfloat16 output layer', False)):
+        teacher.float32_head = float32_head
+        with torch.autocast(env.type, dtype=torch.bfloat16):
+            t16 = torch.softmax(teacher(idx).float(), -1)
+        big = t32 > 1e-4  # relative errors of the probabilities that matter
+        rel = ((t16 - t32).abs() / t32)[big]
+        kl = (t32 * (torch.log(t32.clamp_min(1e-30)) - torch.log(t16.clamp_min(1e-30)))).sum(-1).mean()
+        out[name] = dict(median_rel_error=rel.median().item(), max_rel_error=rel.max().item(),
+                         kl_float32_to_bf16=kl.item(), max_abs_error=(t16 - t32).abs().max().item())
+    teacher.float32_head = head
+    return out
+
+
 def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs):
     """One training step per method on the same batch, the methods interleaved and rotated."""
     B, T = idx.shape
@@ -200,6 +226,15 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
                 times[name].append(time.time() - t0)
                 mem[name] = max(mem[name], peak_memory(env) - base)
     step_ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
+    host_ms = {}  # what training's fetch does per micro-batch: the tokens, the cache rows, their checks
+    for loss in ('rskd', 'topk'):
+        samples = []
+        for _ in range(10):
+            t0 = time.time()
+            rskd.get_batch(tokens, seqs, T, env)
+            readers[loss](seqs)
+            samples.append(time.time() - t0)
+        host_ms[loss] = 1000 * float(np.median(samples))
     # what reading a batch's rows costs, with and without their checks (checksums, values), interleaved
     read_ms = {}
     for loss, method in (('rskd', 'rs'), ('topk', 'topk')):
@@ -214,10 +249,45 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
         read_ms[method] = {k: 1000 * float(np.median(v)) for k, v in samples.items()}
     check_share = {m: (r['checked'] - r['unchecked']) / step_ms['rskd' if m == 'rs' else 'topk']
                    for m, r in read_ms.items()}
-    kind = 'cuda max allocated' if env.type == 'cuda' else 'RSS peak growth during the step'
+    kind = 'growth of CUDA max allocated during the step' if env.type == 'cuda' else 'RSS peak growth during the step'
     return dict(step_ms=step_ms, step_ratio_vs_ce={k: v / step_ms['ce'] for k, v in step_ms.items()},
                 tok_s={k: B * T / v * 1000 for k, v in step_ms.items()}, peak_mem_bytes=mem,
-                peak_mem_kind=kind, read_ms=read_ms, check_cost_share_of_step=check_share)
+                peak_mem_kind=kind, read_ms=read_ms, check_cost_share_of_step=check_share, host_batch_ms=host_ms)
+
+
+class RandomTeacher(torch.nn.Module):
+    """A stand-in teacher for bench_pipeline: peaked random logits over the vocabulary, no weights."""
+    def __init__(self, V):
+        super().__init__()
+        self.V = V
+
+    def forward(self, idx):
+        gen = torch.Generator(idx.device).manual_seed(int(idx.sum()))
+        return torch.randn(*idx.shape, self.V, generator=gen, device=idx.device) * 4
+
+
+def bench_pipeline(cfg, env, tokens, V, B=16, T=1024):
+    """The host's work per micro-batch at GPT-2 scale, B x T = 16 x 1024: the tokens, the cache rows
+    and their checks, as training fetches them, from rs and topk caches of B sequences made by
+    --mode cache from a random stand-in teacher (so any teacher, of any block size, will do)."""
+    S = (len(tokens) - 1) // T
+    if S < B:
+        return dict(pipeline_shape=None, pipeline_host_ms={})
+    host_ms = {}
+    for method, loss in (('rs', 'rskd'), ('topk', 'topk')):
+        run_cfg = replace(cfg, method=method, cache_dir=os.path.join(cfg.out_dir, f'bench-pipeline-{method}'),
+                          block_size=T, batch_size=4, max_seqs=B, split='train', k=12, rounds=50)
+        shutil.rmtree(run_cfg.cache_dir, ignore_errors=True)
+        rskd.run_cache(run_cfg, env, (RandomTeacher(V).to(env.device), dict(name='random', sha256='-')))
+        reader = rskd.open_cache(run_cfg, loss, tokens[:B * T + 1], V, env)[1]
+        samples = []
+        for _ in range(10):
+            t0 = time.time()
+            rskd.get_batch(tokens, list(range(B)), T, env)
+            reader(list(range(B)))
+            samples.append(time.time() - t0)
+        host_ms[loss] = 1000 * float(np.median(samples))
+    return dict(pipeline_shape=f'{B}x{T}', pipeline_host_ms=host_ms)
 
 
 def report(res, cfg):
@@ -227,9 +297,15 @@ def report(res, cfg):
     for k in STEP_METHODS:
         print(f"{k:8} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
               f"{res['peak_mem_bytes'][k] / 2**20:8.0f}")
+    for m, ms in res['host_batch_ms'].items():
+        print(f"host time per micro-batch of {B}x{T} ({m}): {ms:.1f} ms next to a {res['step_ms'][m]:.1f} ms step; "
+              f"at {res['pipeline_shape']}: {res['pipeline_host_ms'][m]:.1f} ms (prefetched while the GPU runs)")
     for m, r in res['read_ms'].items():
         print(f"reading a batch of the {m} cache: {r['checked']:.2f} ms with its checksums and values checked, "
               f"{r['unchecked']:.2f} ms without ({100 * res['check_cost_share_of_step'][m]:.2f}% of a step)")
+    for name, e in res['teacher_bf16'].items():
+        print(f"teacher under bf16 autocast, {name}: probabilities (> 1e-4) off float32's by {100 * e['median_rel_error']:.2f}% "
+              f"(median), {100 * e['max_rel_error']:.1f}% (max); KL(fp32 || bf16) {e['kl_float32_to_bf16']:.2e}")
     speed, ratio = res['cache_tok_s'], res['cache_ratio_vs_fwd']
     print(f"teacher forward {res['teacher_fwd_tok_s']:,.0f} tok/s; cache rs {speed['rs']:,.0f} tok/s "
           f"({ratio['rs']:.2f}x), topk {speed['topk']:,.0f} tok/s ({ratio['topk']:.2f}x); x: the median of "
@@ -291,9 +367,10 @@ def run_rounds(cfg, env, sweep=(5, 12, 50, 150), n_seqs=64):
 
 
 def peak_memory_reset(env):
+    # the memory in use now, to subtract from the peak: both figures are the growth during the step
     if env.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-        return 0
+        return torch.cuda.memory_allocated()
     try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')

@@ -158,13 +158,15 @@ def check_config(cfg):
             die(f"--device {cfg.device}, but this PyTorch sees {gpus} CUDA GPUs: use --device cpu")
 
 
-def resolve_dtype(dtype, device_type):
-    """--dtype auto: float32 on CPU; on a GPU bfloat16 where it has it, else float16 (with a scaler)."""
+def resolve_dtype(dtype, device):
+    """--dtype auto: float32 on CPU; on a GPU bfloat16 where its tensor cores have it (compute
+    capability 8.0 on: Ampere, Hopper...), else float16 with a GradScaler. (is_bf16_supported() also
+    counts the emulated bfloat16 of a V100 or T4, which crawls.)"""
     if dtype != 'auto':
         return dtype
-    if device_type != 'cuda':
+    if not device.startswith('cuda'):
         return 'float32'
-    return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
 
 
 def check_cache_options(cfg, V):
@@ -178,19 +180,23 @@ def setup(cfg):
     env = SimpleNamespace(ddp='RANK' in os.environ, rank=0, world=1, device=cfg.device)
     if env.ddp:
         use_cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+        ranks, gpus = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), torch.cuda.device_count()
+        if use_cuda and ranks > gpus:  # every rank says so and stops, before any of them waits
+            die(f"torchrun started {ranks} processes on this machine, which has {gpus} GPUs: use "
+                f"--nproc_per_node {gpus}, or --device cpu")
         dist.init_process_group('nccl' if use_cuda else 'gloo')
         env.rank, env.world = dist.get_rank(), dist.get_world_size()
         env.device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
-        if use_cuda:
-            torch.cuda.set_device(env.device)
     elif cfg.device == 'auto':  # (not mps: it has no float64, which sampling and metrics use)
         env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     env.master, env.type = env.rank == 0, env.device.split(':')[0]
-    env.name = torch.cuda.get_device_name() if env.type == 'cuda' else env.device
     if env.type == 'cuda':
+        if torch.device(env.device).index is not None:  # cuda:N: synchronize, memory stats, names follow
+            torch.cuda.set_device(env.device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    env.dtype = resolve_dtype(cfg.dtype, env.type)
+    env.name = torch.cuda.get_device_name(env.device) if env.type == 'cuda' else env.device
+    env.dtype = resolve_dtype(cfg.dtype, env.device)
     # autocast runs the matmuls in 16 bits; losses, softmaxes and metrics cast to float32 themselves
     half = env.dtype != 'float32'
     env.ctx = torch.autocast(env.type, dtype=getattr(torch, env.dtype)) if half else nullcontext()
@@ -256,24 +262,16 @@ def check_fields(d, schema, where, what=''):
 DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens=int, val_tokens=int,
                  train_docs=int, val_docs=int, train_crc32=int, val_crc32=int, val_fraction=(int, float),
                  source=list)
-SCANNED = {}  # (path, size, mtime, tokens used) -> the sha256 of those tokens, from check_data's scan
-
-
-def on_master(fn, env):
-    """fn() on rank 0, its result broadcast to every rank: one pass over a big file, not one per rank."""
-    out = [fn() if env.master else None]
-    if env.ddp:
-        dist.broadcast_object_list(out, src=0)
-    return out[0]
+SCANNED = {}  # (path, size, mtime, tokens used) -> (crc32, largest id, sha256 of those tokens)
 
 
 def gather_on_master(obj, env):
-    """Every rank's obj, in rank order, on rank 0 (None elsewhere); [obj] without DDP."""
+    """Every rank's obj, in rank order, on rank 0 (an empty list elsewhere); [obj] without DDP."""
     if not env.ddp:
         return [obj]
     gathered = [None] * env.world if env.master else None
     dist.gather_object(obj, gathered, dst=0)
-    return gathered
+    return gathered if env.master else []
 
 
 def check_data(data_dir, split, T, max_seqs, env):
@@ -292,8 +290,11 @@ def check_data(data_dir, split, T, max_seqs, env):
     if n < T + 1:
         die(f"{path} holds {n} tokens, fewer than one block of {T}+1: use a smaller --block_size or more data")
     stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n)
 
-    def scan():  # one chunked pass, never the whole file in RAM: crc32, largest id, sha256 of the first n
+    # one chunked pass, never the whole file in RAM: crc32, largest id, sha256 of the first n tokens.
+    # Every rank scans for itself: none waits in a collective (and a watchdog's timeout) for rank 0
+    def scan():
         tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(size // 2,))
         crc, largest, sha = 0, 0, hashlib.sha256()
         for i in range(0, len(tokens), 1 << 24):
@@ -302,13 +303,13 @@ def check_data(data_dir, split, T, max_seqs, env):
             largest = max(largest, int(chunk.max()))
             sha.update(chunk[:max(n - i, 0)].tobytes())
         return crc, largest, sha.hexdigest()
-    crc, largest, sha = on_master(scan, env)
+    crc, largest, sha = SCANNED[key] if key in SCANNED else scan()
     if crc != meta[f'{split}_crc32']:
         die(f"{path} does not match the checksum in {data_dir}/meta.json: the file is damaged (or was changed "
             f"after prepare_data.py); rerun prepare_data.py")
     if largest >= V:
         die(f"{path} holds token ids >= vocab_size {V}: it was not made with this tokenizer")
-    SCANNED[(os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n)] = sha
+    SCANNED[key] = crc, largest, sha
     return path, n, V
 
 
@@ -317,14 +318,11 @@ def data_fingerprint(tokens, path, env):
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, len(tokens))
     if key in SCANNED:  # check_data's pass has hashed them already
-        return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=SCANNED[key])
-
-    def sha256():
-        h = hashlib.sha256()
-        for i in range(0, len(tokens), 1 << 26):
-            h.update(tokens[i:i + (1 << 26)].tobytes())
-        return h.hexdigest()
-    return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=on_master(sha256, env))
+        return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=SCANNED[key][2])
+    h = hashlib.sha256()
+    for i in range(0, len(tokens), 1 << 26):
+        h.update(tokens[i:i + (1 << 26)].tobytes())
+    return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=h.hexdigest())
 
 # -----------------------------------------------------------------------------
 # atomic writes, checkpoints and teachers
@@ -376,7 +374,8 @@ def restore(ckpt, model, optimizer, scaler):
     """Load a checkpoint's state into a new run; returns (iteration, best val loss)."""
     model.load_state_dict(ckpt['model'])
     optimizer.load_state_dict(ckpt['optimizer'])
-    scaler.load_state_dict(ckpt['scaler'])
+    if ckpt['scaler']:  # empty when the saved run had no scaler (bfloat16, float32): start a new one
+        scaler.load_state_dict(ckpt['scaler'])
     torch.set_rng_state(ckpt['rng'])
     return ckpt['iter_num'], ckpt['best_val_loss']
 
@@ -483,7 +482,7 @@ def load_teacher(name, vocab_size, block_size, env):
         except (TypeError, RuntimeError):
             die(f"{name} does not hold the weights of a model.py GPT: it is not a teacher checkpoint")
     info = dict(name=name, sha256=weights_sha256(model))
-    return model.to(env.device).eval().requires_grad_(False), info
+    return model.to(env.device).to_teacher(env.dtype), info  # frozen; float32 logits
 
 
 def find_teacher(cfg, required, cache_meta, vocab_size, env):
@@ -511,7 +510,11 @@ def find_teacher(cfg, required, cache_meta, vocab_size, env):
 
 CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int, num_seqs=int, seed=int,
                   split=str, teacher=dict(name=str, sha256=str), data=dict(path=str, n_tokens=int, sha256=str),
-                  ids_dtype=str, dtype=str, device=str, complete=bool, seqs_done=int, entries=int)
+                  ids_dtype=str, dtype=str, device=str, device_name=str, batch_size=int, torch=str,
+                  complete=bool, seqs_done=int, entries=int)
+# recorded, not compared on resume: on CUDA the draws depend on the GPU model, the batch size (kernel
+# choice) and the torch version, so a cache resumed with others is exact but not bit-identical
+RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries')
 # value checks of the methods' own meta fields (a field without one needs only the right type)
 VALID_VALUES = dict(rounds=lambda r: 1 <= r <= 255, sampler=lambda s: s in ('multinomial', 'systematic'),
@@ -733,7 +736,10 @@ def resume_cache(cache_dir, meta, formats, env):
     old = read_cache_meta(cache_dir, formats)
     for key in meta:
         a, b = old.get(key), meta[key]
-        if key not in PROGRESS and (a.get('sha256') != b['sha256'] if key in ('teacher', 'data') else a != b):
+        if key in RECORDED and a != b and meta['device'] == 'cuda' and env.master:
+            print(f"note: {cache_dir} was started with {key} {a}, now {b}: on CUDA the rest will not be "
+                  f"bit-identical to an uninterrupted cache (its draws are still exact)")
+        if key not in PROGRESS + RECORDED and (a.get('sha256') != b['sha256'] if key in ('teacher', 'data') else a != b):
             die(f"{cache_dir} holds a cache made with a different {key} ({a} vs now {b}): use another "
                 f"--cache_dir, or delete it to start over")
     if old['complete']:
@@ -817,7 +823,14 @@ def commit_chunk(handles, parts, meta, seqs_done, cache_dir):
     write_json(meta, os.path.join(cache_dir, 'meta.json'))
 
 
-def close_cache(handles, meta, cache_dir, tok_s):
+def finish_cache(handles, meta, cache_dir, start, t0, env):
+    """The caching loop's throughput (tok/s, for the bench); rank 0 closes the files and prints the
+    cache's size per position."""
+    if env.type == 'cuda':
+        torch.cuda.synchronize()
+    tok_s = (meta['num_seqs'] - start) * meta['block_size'] / (time.time() - t0)
+    if not env.master:
+        return tok_s
     for f, _, _ in handles.values():
         f.close()
     P = meta['num_seqs'] * meta['block_size']
@@ -825,6 +838,7 @@ def close_cache(handles, meta, cache_dir, tok_s):
     unique = f"{meta['entries'] / P:.2f} unique tokens/position, " if 'lengths' in handles else ""
     print(f"cache complete: {cache_dir}, {P:,} positions, {unique}{size / P:.2f} bytes/position, "
           f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")
+    return tok_s
 
 
 def check_cache_for_run(meta, cfg, loss, V, data, formats):

@@ -5,6 +5,7 @@ The parameter names are GPT-2's own (transformer.h.0.attn.c_attn, ...), so that 
 weights load into it with nothing but a transpose (see GPT.from_pretrained).
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         with torch.no_grad():
             self.lm_head.weight[config.vocab_size:].zero_()  # padding rows: never used, keep them inert
+        self.float32_head = False  # teachers: the output layer in float32 even under autocast
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -115,9 +117,29 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        # the output layer uses only the real vocabulary's rows: the logits are exactly (B, T, V), the
-        # padded columns do not exist, and no softmax, sample, loss or metric can give them probability
-        return F.linear(x, self.lm_head.weight[:self.config.vocab_size])  # (B, T, V)
+        # the logits are exactly (B, T, V): the padded columns are sliced off (on CUDA after a matmul
+        # of all 50,304 rows, a better shape for cuBLAS; on CPU by multiplying the real rows only), so
+        # no softmax, sample, loss or metric can give them probability
+        V, weight = self.config.vocab_size, self.lm_head.weight
+        with torch.autocast(x.device.type, enabled=False) if self.float32_head else nullcontext():
+            # a teacher's logits in float32: in bfloat16 a logit of -40 is off by up to 0.125, so
+            # every probability would carry an error of up to ~13%, and the cache would be exact
+            # only for a perturbed teacher
+            x = x.float() if self.float32_head else x
+            if x.is_cuda:
+                return F.linear(x, weight)[..., :V]  # (B, T, V)
+            return F.linear(x, weight[:V])  # (B, T, V)
+
+    def to_teacher(self, dtype):
+        """A frozen teacher for inference under autocast to dtype: the blocks' matmul weights cast to
+        it once (autocast would re-cast them on every forward), the embeddings, layer norms and the
+        output layer kept in float32, and the logits computed in float32."""
+        if dtype in ('bfloat16', 'float16'):
+            for module in self.transformer.h.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(getattr(torch, dtype))
+        self.float32_head = True
+        return self.eval().requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, name_or_dir):
@@ -152,10 +174,18 @@ class GPT(nn.Module):
         N, cfg = self.num_params(), self.config
         return 6 * N + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
-    def estimate_mfu(self, tokens_per_sec, device_name):
-        # model flops utilization: achieved flops over the GPU's dense bf16 peak; None for unknown devices
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in device_name), None)
+    def estimate_mfu(self, tokens_per_sec, device_name, dtype):
+        # model flops utilization: achieved flops over the GPU's dense 16-bit peak; None for float32
+        # runs and for GPUs not in the table
+        peak = peak_flops(device_name) if dtype in ('bfloat16', 'float16') else None
         return self.flops_per_token() * tokens_per_sec / peak if peak else None
 
 
-PEAK_FLOPS = dict(H100=989e12, H200=989e12, A100=312e12)  # dense bf16 flop/s, by device name
+# dense bf16/fp16 tensor-core peaks (flop/s, no sparsity) from the vendors' data sheets, by the name
+# torch.cuda.get_device_name() gives; the first entry that matches wins, so the specific ones go first
+PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200 NVL', 835e12),
+              ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L4', 121e12)]
+
+
+def peak_flops(device_name):
+    return next((flops for name, flops in PEAK_FLOPS if name in device_name), None)

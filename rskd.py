@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guardrails import (cache_memmaps, check_batch, check_batching, check_cache_for_run,
                         check_cache_options, check_data, check_model_size, check_step,
-                        check_val_loss, close_cache, commit_chunk, data_fingerprint, ddp_teardown,
-                        die, file_units, find_teacher, folder_lock, gather_on_master,
+                        check_val_loss, commit_chunk, data_fingerprint, ddp_teardown, die,
+                        file_units, find_teacher, finish_cache, folder_lock, gather_on_master,
                         load_teacher, log_eval, open_cache_files, opt, parse_args,
                         progress_printer, read_cache_meta, read_rows, resolve_config, restore,
                         resume_cache, save_checkpoint, setup, start_metrics, stop_everywhere,
@@ -77,6 +77,7 @@ class Config:
     proposal_temperature: float = opt(1.0, "tau: --method is draws from q ∝ t^tau (rs: tau = 1)")
     k: int = opt(12, "Top-K entries per position")
     split: str = opt('train', "the split --mode cache runs over", ('train', 'val'))
+    commit_seconds: float = opt(5.0, "cache mode commits (fsyncs) at most this often")
     # hardware
     device: str = opt('auto', "auto (cuda if there is one, else cpu) | cpu | cuda | cuda:N")
     dtype: str = opt('auto', "auto: bfloat16 on GPUs that have it, else float16; float32 on CPU",
@@ -128,10 +129,10 @@ def rs_target(probs, cfg, gens):
 
 def is_target(probs, cfg, gens):
     # importance sampling, the paper's secondary variant: draw from a proposal q ∝ t^tau instead
-    # (tau = --proposal_temperature) and store each drawn id's weight t_i / q_i. As E[c_i / N] = q_i,
-    # the target (c_i / N)(t_i / q_i) is still an unbiased estimate of t_i. tau < 1 flattens q.
+    # (tau = --proposal_temperature) and store each drawn id's weight t_i / q_i. As E[c_i / N] =
+    # q_i, the target (c_i / N)(t_i / q_i) is still an unbiased estimate of t_i. tau < 1 flattens q.
     proposal = probs.pow(cfg.proposal_temperature).flatten(0, 1)  # (B*T, V), q unnormalised
-    target = rs_target(proposal.view(probs.shape), cfg, gens)  # N draws from q: lengths, ids, counts
+    target = rs_target(proposal.view(probs.shape), cfg, gens)  # N draws from q
     row = torch.arange(len(proposal), device=probs.device)
     row = row.repeat_interleave(target['lengths'].flatten())  # each stored id's position
     q = proposal[row, target['ids']] / proposal.sum(-1, dtype=torch.float64)[row]  # float64
@@ -330,8 +331,8 @@ def pad_rows(lengths, ids, values):
 # cache mode: run the teacher once and store its sparse targets, in the format of FORMATS
 
 @torch.no_grad()
-def cache_batch(teacher, idx, seqs, cfg, env):
-    # the teacher's sparse targets for a batch of sequences: a flat numpy array per stored file
+def cache_batch(teacher, idx, seqs, cfg, env, units):
+    # the teacher's sparse targets for a batch of sequences: a flat array per file, in its own dtype
     with env.ctx:
         logits = teacher(idx).float()  # (B, T, V), the real vocabulary only
     # float32, and on CPU in place: a fresh 400 MB tensor per batch costs more in page faults there
@@ -339,41 +340,42 @@ def cache_batch(teacher, idx, seqs, cfg, env):
     fmt = FORMATS[cfg.method]
     part = fmt['target'](probs, cfg, seq_generators(cfg.seed, seqs, env.device))
     assert set(part) == set(fmt['files']) - {'seq_offsets'}, f"{cfg.method}: fill each of its files"
-    return {name: t.cpu().numpy().reshape(-1) for name, t in part.items()}
+    return {name: t.cpu().numpy().reshape(-1).astype(units[name][0]) for name, t in part.items()}
 
-def run_cache(cfg, env):
+def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
     check_cache_options(cfg, V)  # --k <= V
-    teacher, teacher_info = load_teacher(cfg.teacher, V, T, env)
+    teacher, teacher_info = loaded or load_teacher(cfg.teacher, V, T, env)  # (bench: loaded once)
+    teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, os.path.join(cfg.data_dir, f'{cfg.split}.bin'), env)
     # meta.json: what the cache holds, what made it, how far it got (the only record of progress)
     meta = dict(format='rskd-cache', version=2, method=cfg.method, vocab_size=V, block_size=T,
                 num_seqs=S, seed=cfg.seed, split=cfg.split, teacher=teacher_info, data=data,
                 ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
+                device_name=env.name, batch_size=B, torch=torch.__version__,
                 complete=False, seqs_done=0, entries=0)
     meta.update({name: getattr(cfg, name) for name in FORMATS[cfg.method]['meta']})
     meta = resume_cache(cfg.cache_dir, meta, FORMATS, env)  # its saved progress; refuses another
     if meta['complete']:
         return None
     handles = open_cache_files(cfg.cache_dir, meta, FORMATS, env)  # rank 0's; cut to last commit
-    start, t0 = meta['seqs_done'], time.time()
+    units, pending = file_units(meta, FORMATS), []
+    start, t0, committed = meta['seqs_done'], time.time(), time.time()
     progress = progress_printer('cache', 'positions', start * T, S * T)
     for lo in range(start, S, B * env.world):  # a round: rank r takes lo + r*B .. lo + (r+1)*B - 1
         seqs = list(range(lo + env.rank * B, min(lo + (env.rank + 1) * B, S)))
         part = None  # the last round can leave a rank without sequences
         if seqs:
-            part = cache_batch(teacher, get_batch(tokens, seqs, T, env)[0], seqs, cfg, env)
-        parts = gather_on_master(part, env)  # rank 0 writes all, in rank order = sequence order
-        if env.master:  # each file's part appended and made durable, then meta.json: never ahead
-            commit_chunk(handles, parts, meta, min(lo + B * env.world, S), cfg.cache_dir)
+            part = cache_batch(teacher, get_batch(tokens, seqs, T, env)[0], seqs, cfg, env, units)
+        pending += gather_on_master(part, env)  # rank 0 writes all, in rank order = sequence order
+        done = min(lo + B * env.world, S)
+        if env.master and (done == S or time.time() - committed >= cfg.commit_seconds):
+            # each file's parts appended and made durable, then meta.json: it never runs ahead
+            commit_chunk(handles, pending, meta, done, cfg.cache_dir)
+            pending, committed = [], time.time()
             progress(meta['seqs_done'] * T)
-    if env.type == 'cuda':
-        torch.cuda.synchronize()
-    tok_s = (S - start) * T / (time.time() - t0)
-    if env.master:
-        close_cache(handles, meta, cfg.cache_dir, tok_s)  # and print its size per position
-    return tok_s  # (for bench)
+    return finish_cache(handles, meta, cfg.cache_dir, start, t0, env)  # tok/s, for the bench
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader): reader(seqs) gives the batch's sparse targets (ids, w), each (B, T, K), from
@@ -381,8 +383,9 @@ def open_cache(cfg, loss, tokens, V, env, checked=True):
     meta = read_cache_meta(cfg.cache_dir, FORMATS)
     data = data_fingerprint(tokens, os.path.join(cfg.data_dir, 'train.bin'), env)
     check_cache_for_run(meta, cfg, loss, V, data, FORMATS)  # complete, for this loss, T and data
-    mm, units = cache_memmaps(cfg.cache_dir, meta, FORMATS), file_units(meta, FORMATS)  # sizes checked
-    ids_files = [name for name, (dtype, _) in FORMATS[meta['method']]['files'].items() if dtype == 'ids']
+    mm = cache_memmaps(cfg.cache_dir, meta, FORMATS)  # each file's size checked against meta.json
+    units, files = file_units(meta, FORMATS), FORMATS[meta['method']]['files']
+    ids_files = [name for name, (dtype, _) in files.items() if dtype == 'ids']  # to int64
 
     def reader(seqs):
         rows = read_rows(mm, units, meta, seqs)  # each file's elements of these sequences
@@ -440,9 +443,9 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
         # ECE: top-1 confidence in NBINS bins, sum_b (n_b / n) |accuracy_b - confidence_b|
         conf, pred = logp.max(-1)
         conf, correct = conf.exp().flatten(), (pred == targets).flatten().float()
-        bins = (conf * NBINS).long().clamp(max=NBINS - 1)
-        for j, weight in enumerate((None, conf, correct)):  # positions, confidence, accuracy per bin
-            s[4 + j * NBINS:4 + (j + 1) * NBINS] += torch.bincount(bins, weight, minlength=NBINS)
+        bins = (conf * NBINS).long().clamp(max=NBINS - 1)  # sums per bin: positions, conf., accuracy
+        per_bin = torch.stack([torch.ones_like(conf), conf, correct]).double()  # (scattered: no sync)
+        s[4:].view(3, NBINS).scatter_add_(1, bins.expand(3, -1), per_bin)
         if teacher is not None:  # KL(teacher || student), and speculative decoding's expected
             with env.ctx:  # acceptance with the student drafting: sum_v min(p, t) = 1 - TV
                 logt = F.log_softmax(teacher(idx).float(), dim=-1)
@@ -502,12 +505,18 @@ def run_train(cfg, env, ckpt=None):
     tokens_per_step = B * T * micro_steps * env.world
     # every eval record so far (the checkpoint holds them; a resume rewrites metrics.jsonl from it)
     evals = start_metrics(metrics_path, ckpt) if env.master else []
+    # a checkpoint: plain model, optimizer, scaler, RNG, step, config, evals; temp file, then rename
+    save = functools.partial(save_checkpoint, ckpt_path, raw_model, optimizer, scaler)
     if env.master:
         print(f"{cfg.mode} ({loss_name}): {raw_model.num_params() / 1e6:.1f}M parameters, {S:,} "
               f"sequences of {T}, {tokens_per_step:,} tokens per step, {env.device} {env.dtype}"
               f"{', compiled' if env.compile else ''}{f', {env.world} ranks' if env.ddp else ''}")
 
-    start, train_time, train_tokens, lossf, m = it, 0.0, 0, None, {}
+    def fetch(micro_num):  # micro-batch number micro_num of this rank: sequences, tokens, targets
+        seqs = draw_seqs(S, cfg.seed, (micro_num * env.world + env.rank) * B, B)  # (over all ranks)
+        return (*get_batch(tokens, seqs, T, env), reader(seqs) if reader else None)
+
+    start, train_time, train_tokens, lossf, m, batch = it, 0.0, 0, None, {}, None
     with stop_requested() as stop:  # Ctrl-C or SIGTERM: finish the step, save, exit
         while True:
             if (it == cfg.max_iters or it % cfg.eval_interval == 0) and not (ckpt and it == start):
@@ -517,13 +526,13 @@ def run_train(cfg, env, ckpt=None):
                     best_val_loss = min(best_val_loss, m['val_loss'])
                     evals.append(dict(iter=it, loss=loss_name, seed=cfg.seed, train_loss=lossf,
                                       tok_s=train_tokens / train_time if train_time else None, **m))
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, it, best_val_loss, asdict(cfg), evals)
+                    save(it, best_val_loss, asdict(cfg), evals)
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
             if stop_everywhere(stop, env):  # every rank stops at the same step
                 if env.master:
-                    save_checkpoint(ckpt_path, raw_model, optimizer, scaler, it, best_val_loss, asdict(cfg), evals)
+                    save(it, best_val_loss, asdict(cfg), evals)
                     print(f"interrupted: saved {ckpt_path} at iter {it}. Resume with the same "
                           f"command plus --resume true")
                 return
@@ -532,11 +541,9 @@ def run_train(cfg, env, ckpt=None):
                 param_group['lr'] = lr
             t0 = time.time()
             loss_sum = torch.zeros((), device=env.device)
+            batch = batch or fetch(it * micro_steps)
             for micro in range(micro_steps):
-                batch_num = (it * micro_steps + micro) * env.world + env.rank  # over all ranks
-                seqs = draw_seqs(S, cfg.seed, batch_num * B, B)
-                idx, targets = get_batch(tokens, seqs, T, env)
-                sparse = reader(seqs) if reader else None
+                idx, targets, sparse = batch
                 if env.ddp:  # sync gradients only on the last micro-step (set before the forward)
                     train_model.require_backward_grad_sync = micro == micro_steps - 1
                 with env.ctx:
@@ -544,6 +551,9 @@ def run_train(cfg, env, ckpt=None):
                 loss = loss_fn(logits, idx, targets, sparse) / micro_steps
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+                # the next micro-batch, read and checked while the GPU works on this one (CUDA runs
+                # asynchronously until the step's one sync below): the GPU never waits for the host
+                batch = fetch(it * micro_steps + micro + 1)
             if env.ddp:  # the mean over ranks (gloo has no AVG)
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world
@@ -561,7 +571,7 @@ def run_train(cfg, env, ckpt=None):
             if it > start + 1:  # the first step warms up (and compiles): not in the throughput
                 train_time, train_tokens = train_time + dt, train_tokens + tokens_per_step
             if env.master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
-                mfu = raw_model.estimate_mfu(tokens_per_step / dt / env.world, env.name)
+                mfu = raw_model.estimate_mfu(tokens_per_step / dt / env.world, env.name, env.dtype)
                 eta = (cfg.max_iters - it) * (train_time / max(it - start - 1, 1) if train_time else dt)
                 print(f"iter {it}/{cfg.max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
                       f"{tokens_per_step / dt:,.0f} tok/s{f', mfu {mfu:.1%}' if mfu else ''}, "

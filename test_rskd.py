@@ -31,7 +31,7 @@ from model import GPT, GPTConfig
 HERE = os.path.dirname(os.path.abspath(__file__))
 V = 97
 TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--block_size', '16', '--batch_size', '4',
-        '--eval_iters', '2', '--log_interval', '5', '--device', 'cpu', '--seed', '3']
+        '--eval_iters', '2', '--log_interval', '5', '--device', 'cpu', '--seed', '3', '--commit_seconds', '0']
 
 
 def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
@@ -390,7 +390,9 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
     ref, d = str(tmp_path / 'ref'), str(tmp_path / 'killed')
     args = cache_args(data, teacher, d, '--batch_size', 2)
     run(*cache_args(data, teacher, ref, '--batch_size', 2))
-    assert files_of(ref) == files_of(caches['rs'])  # chunks of 2 sequences or of 4: the same cache
+    two, four = files_of(ref), files_of(caches['rs'])  # chunks of 2 sequences or of 4: the same cache
+    metas = [json.loads(d.pop('meta.json')) for d in (two, four)]
+    assert two == four and [m.pop('batch_size') for m in metas] == [2, 4] and metas[0] == metas[1]
     # killed during the 3rd chunk's sampling, or (write_json) after the 3rd chunk's data was written but
     # before meta.json recorded it: either way meta.json says 2 chunks and the rerun picks up from there
     run_killed(where, 3 if where == 'rskd.cache_batch' else 4, f"rskd.main({[str(a) for a in args]!r})")
@@ -639,6 +641,11 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
     assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
     assert set(res['read_ms']) == {'rs', 'topk'} and all(v['checked'] > 0 for v in res['read_ms'].values())
+    assert res['pipeline_shape'] == '16x1024' and all(v > 0 for v in res['pipeline_host_ms'].values())
+    assert set(res['host_batch_ms']) == {'rskd', 'topk'}
+    # the float32 output layer takes out most of what bfloat16 does to the teacher's probabilities
+    errors = res['teacher_bf16']
+    assert errors['float32 output layer']['kl_float32_to_bf16'] < errors['bfloat16 output layer']['kl_float32_to_bf16']
 
 def test_help_comes_from_the_config_fields():
     p = subprocess.run([sys.executable, 'rskd.py', '--help'], capture_output=True, text=True, cwd=HERE)
@@ -978,11 +985,12 @@ def train_args(data, caches, out, *extra):
 def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
     run(*train_args(data, caches, tmp_path / 'ref'))
     args = [str(a) for a in train_args(data, caches, tmp_path / 'int')]
-    # Ctrl-C while drawing the 6th batch: the step finishes, a checkpoint is saved at iter 6, exit 0
+    # Ctrl-C while drawing the 6th batch (prefetched during step 4): the step finishes, a checkpoint is
+    # saved at iter 5, exit 0
     script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})", signal.SIGINT)
     p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
     assert p.returncode == 0 and 'interrupted: saved' in p.stdout and '--resume true' in p.stdout, p.stdout + p.stderr
-    assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 6
+    assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 5
     run(*args, '--resume', 'true')
     ref, res = final_weights(tmp_path / 'ref'), final_weights(tmp_path / 'int')
     assert all(torch.equal(ref[k], res[k]) for k in ref)
@@ -1146,7 +1154,9 @@ def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, cac
     err = fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'topk',
                '--max_iters', 20, '--eval_interval', 4, '--out_dir', tmp_path / 'o')
     assert f'sequence(s) {victim} do not match' in err
-    assert len(steps) == 5  # steps 0-4 ran; step 5, which drew the damaged sequence, never did
+    # steps 0-3 updated the model; step 5's batch, which holds the damaged sequence, is read (prefetched)
+    # while step 4 runs, before step 4's update: neither of them updated it
+    assert len(steps) == 4
     assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['iter_num'] == 4
 
 
@@ -1239,6 +1249,150 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
     assert lines == sorted(set(lines)) and lines[-1] == 40
 
 
+# ----------------------------------------------------------------------------- mixed precision, compile
+
+
+def test_output_layer_is_float32_under_bf16_autocast(teacher):
+    # the same hidden states through the output layer: a teacher's logits under bf16 autocast equal the
+    # float32 ones, where autocast alone would round them to bfloat16
+    ckpt = torch.load(teacher, weights_only=True)
+    model = GPT(GPTConfig(**ckpt['model_config']))
+    model.load_state_dict(ckpt['model'])
+    model.eval()
+    idx = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        exact = model(idx)
+        model.to_teacher('bfloat16')  # the blocks' matmuls in bfloat16, the output layer in float32
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            hidden = model.transformer.wte(idx) + model.transformer.wpe(torch.arange(16))
+            for block in model.transformer.h:
+                hidden = block(hidden)
+            hidden = model.transformer.ln_f(hidden)
+            logits = model(idx)
+            model.float32_head = False
+            rounded = model(idx)
+    assert logits.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    assert model.lm_head.weight.dtype == torch.float32 and hidden.dtype == torch.float32
+    head = hidden @ model.lm_head.weight[:V].t()  # float32, from the bf16 blocks' hidden states
+    assert torch.allclose(logits, head, atol=1e-5)
+    assert (rounded.float() - logits).abs().max() > 10 * (logits - head).abs().max()
+    assert (logits - exact).abs().max() < 0.5  # the bf16 blocks' own error remains
+
+
+def test_bf16_cache_and_training_on_cpu(tmp_path, data, teacher, caches):
+    run(*cache_args(data, teacher, tmp_path / 'c', '--dtype', 'bfloat16'))
+    meta = json.load(open(tmp_path / 'c' / 'meta.json'))
+    assert meta['complete'] and meta['dtype'] == 'bfloat16'
+    # the draws move a little with the teacher's bf16 blocks, the cache stays as sharp as the float32 one
+    assert abs(meta['entries'] / json.load(open(os.path.join(caches['rs'], 'meta.json')))['entries'] - 1) < 0.02
+    run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY)
+    for loss in (['rskd'], ['fullkd']):
+        run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY,
+            '--dtype', 'bfloat16', '--max_iters', 4, '--eval_interval', 2, '--out_dir', tmp_path / loss[0], '--loss', *loss)
+        lines = [json.loads(l) for l in open(tmp_path / loss[0] / 'metrics.jsonl')]
+        assert [l['iter'] for l in lines] == [0, 2, 4] and all(math.isfinite(l['kl_teacher']) for l in lines)
+        assert lines[-1]['val_loss'] < lines[0]['val_loss']
+
+
+def test_float16_gradscaler_and_resume_across_dtypes(tmp_path, data, caches):
+    args = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2]
+    run(*args, '--dtype', 'float16', '--max_iters', 2, '--out_dir', tmp_path / 'a')
+    scaler = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)['scaler']
+    assert scaler and scaler['scale'] > 0  # a GradScaler ran
+    run(*args, '--dtype', 'bfloat16', '--max_iters', 4, '--out_dir', tmp_path / 'a', '--resume', 'true')
+    # a run saved without a scaler (float32) resumed in float16: a new scaler, no error
+    run(*args, '--dtype', 'float32', '--max_iters', 2, '--out_dir', tmp_path / 'b')
+    run(*args, '--dtype', 'float16', '--max_iters', 4, '--out_dir', tmp_path / 'b', '--resume', 'true')
+    for d in ('a', 'b'):
+        lines = [json.loads(l) for l in open(tmp_path / d / 'metrics.jsonl')]
+        assert [l['iter'] for l in lines] == [0, 2, 4] and math.isfinite(lines[-1]['val_loss'])
+
+
+def test_compile_trains_like_eager(tmp_path, data, caches):
+    # torch.compile (inductor, on the CPU) of a short run: the same losses as eager, to float rounding
+    args = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 3,
+            '--eval_interval', 3]
+    run(*args, '--out_dir', tmp_path / 'eager')
+    run(*args, '--out_dir', tmp_path / 'compiled', '--compile', 'true')
+    eager, compiled = ([json.loads(l) for l in open(tmp_path / d / 'metrics.jsonl')] for d in ('eager', 'compiled'))
+    assert [l['iter'] for l in compiled] == [0, 3]
+    assert all(abs(a['val_loss'] - b['val_loss']) < 1e-3 for a, b in zip(eager, compiled))
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+# python -m pytest -q test_rskd.py -k cuda: about 5 minutes on one H200 (all of them skip on a CPU machine)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_sampler_is_unbiased():
+    N, M = 50, 4000
+    p = P97.cuda()
+    draws = rskd.sample_draws(p.expand(1, M, V).contiguous(), N, [torch.Generator('cuda').manual_seed(0)])
+    lengths, ids, counts = rskd.run_lengths(draws)
+    ids, c = rskd.pad_rows(lengths, ids, counts)
+    est = torch.zeros(M, V, device='cuda').scatter_add_(1, ids, c).mean(0).cpu() / N
+    tol = 5 * torch.sqrt(P97 * (1 - P97) / (N * M)) + 1e-6
+    assert ((est - P97).abs() <= tol).all() and c.sum() == N * M
+
+
+@cuda
+def test_cuda_caches_agree_with_cpu(tmp_path, data, teacher, caches):
+    # a bf16 compiled teacher on the GPU: its Top-K ids and probabilities agree with the CPU's float32
+    # cache, and its RS cache is as sharp; then float32 on the GPU (TF32 off) gives the same Top-K ids
+    gpu = ['--device', 'cuda', '--compile', 'true']
+    for method in ('topk', 'rs'):
+        run(*cache_args(data, teacher, tmp_path / method, '--method', method, '--k', 5, *gpu, '--dtype', 'bfloat16'))
+        run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / method, *TINY)
+    cpu_ids = np.fromfile(os.path.join(caches['topk'], 'ids.bin'), np.uint16).reshape(-1, 5)
+    cpu_p = np.fromfile(os.path.join(caches['topk'], 'probs.bin'), np.float16).reshape(-1, 5).astype(np.float32)
+    gpu_ids = np.fromfile(tmp_path / 'topk' / 'ids.bin', np.uint16).reshape(-1, 5)
+    gpu_p = np.fromfile(tmp_path / 'topk' / 'probs.bin', np.float16).reshape(-1, 5).astype(np.float32)
+    assert (gpu_ids[:, 0] == cpu_ids[:, 0]).mean() > 0.98 and np.abs(gpu_p - cpu_p).max() < 0.05
+    meta = json.load(open(tmp_path / 'rs' / 'meta.json'))
+    cpu_meta = json.load(open(os.path.join(caches['rs'], 'meta.json')))
+    assert meta['device'] == 'cuda' and meta['device_name'] == torch.cuda.get_device_name()
+    assert abs(meta['entries'] / cpu_meta['entries'] - 1) < 0.02
+
+
+@cuda
+@pytest.mark.parametrize('loss', [['rskd', '--compile', 'true'], ['topk'], ['topk', '--topk_tail', 'ghost'], ['fullkd'],
+                                  ['rskd', '--dtype', 'float16']])
+def test_cuda_students(tmp_path, data, teacher, caches, loss):
+    cache = caches['topk' if loss[0] == 'topk' else 'rs']
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', cache, '--teacher', teacher, *TINY, '--device', 'cuda',
+        '--max_iters', 6, '--eval_interval', 3, '--out_dir', tmp_path, '--loss', *loss)
+    lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+    assert [l['iter'] for l in lines] == [0, 3, 6] and all(math.isfinite(l['kl_teacher']) for l in lines)
+    assert lines[-1]['val_loss'] < lines[0]['val_loss']
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert bool(ckpt['scaler']) == ('float16' in loss)  # a GradScaler only for float16
+
+
+@cuda
+def test_cuda_bench(tmp_path, data, teacher):
+    run('--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', tmp_path, *TINY, '--device', 'cuda')
+    res = json.load(open(tmp_path / 'bench.json'))
+    assert res['device'] == torch.cuda.get_device_name() and res['dtype'] in ('bfloat16', 'float16')
+    assert all(v >= 0 for v in res['peak_mem_bytes'].values()) and res['pipeline_host_ms']
+
+
+@cuda
+def test_cuda_torchrun_nccl(tmp_path, data, caches):
+    # 1 rank (and 2 where there are 2 GPUs) with NCCL: the same training as one process
+    common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2,
+              '--max_iters', 4, '--device', 'cuda', '--dtype', 'float32']
+    ranks = 2 if torch.cuda.device_count() >= 2 else 1
+    run(*common, '--out_dir', tmp_path / 'one', '--gradient_accumulation_steps', ranks)
+    torchrun(ranks, *common, '--out_dir', tmp_path / 'many')
+    one, many = final_weights(tmp_path / 'one'), final_weights(tmp_path / 'many')
+    assert all(torch.allclose(one[k], many[k], atol=1e-4) for k in one)
+    p = torchrun(torch.cuda.device_count() + 1, *common, '--out_dir', tmp_path / 'too_many', ok=False)
+    assert 'processes on this machine, which has' in p.stdout + p.stderr and 'Traceback' not in p.stderr
+
+
 # ----------------------------------------------------------------------------- soak (not in CI)
 
 
@@ -1258,7 +1412,8 @@ def test_soak_random_kills(tmp_path):
     rskd_py = [os.path.join(HERE, 'rskd.py'), '--data_dir', data, '--device', 'cpu', *model]
     steps = dict(prepare_data=[os.path.join(HERE, 'prepare_data.py'), '--out', 'prepared'],
                  teacher=[*rskd_py, '--mode', 'teacher', '--out_dir', 'teacher', *iters],
-                 cache=[*rskd_py, '--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache'],
+                 cache=[*rskd_py, '--mode', 'cache', '--teacher', 'teacher/ckpt.pt', '--cache_dir', 'cache',
+                        '--commit_seconds', 1],
                  student=[*rskd_py, '--mode', 'train', '--cache_dir', 'cache', '--out_dir', 'student', '--n_layer', 1,
                           '--n_embd', 32, *iters])
     kills = {name: 0 for name in steps}
