@@ -107,13 +107,12 @@ def bench_caching(cfg, env, loaded, tokens, n):
     return dict(dirs=dirs, result=result)
 
 
-def bench_fidelity(cfg, env, teacher, student, idx, seqs, targets, sweep=()):
+def bench_fidelity(cfg, env, teacher, student, idx, seqs, labels, sweep=()):
     """Each sparse target's gradient against full KD's on one batch: w.r.t. the student's logits
     (where sampling noise is per position) and w.r.t. its weights (a sum over the batch's positions:
     independent noise averages out there, a bias does not). sweep: more rounds N to try, each with
     both samplers."""
     B, T = idx.shape
-    labels = targets
     with torch.no_grad(), env.ctx:
         t_logits = teacher(idx).float()
     probs = torch.softmax(t_logits, dim=-1)
@@ -395,7 +394,13 @@ def peak_memory(env):
 # (row name, run name, the bench's step method for it, its cache folder)
 ROWS = [('CE', 'ce', 'ce', ''), ('Top-K 12', 'topk', 'topk', 'cache-topk'),
         ('Top-K 12 + ghost', 'ghost', 'ghost', 'cache-topk'), ('RS-KD, 50 rounds', 'rskd', 'rskd', 'cache-rs'),
-        ('RS-KD systematic, 46', 'sys', 'rskd', 'cache-sys'), ('Full KD', 'fullkd', 'fullkd', '')]
+        ('RS-KD systematic, 46', 'sys', 'rskd', 'cache-sys'), ('Full KD', 'fullkd', 'fullkd', ''),
+        ('Top-K 12 + label smoothing', 'smooth', 'smooth', 'cache-topk'),
+        ('Top-K 12 + naive fix', 'naive', 'naive', 'cache-topk'),
+        ('RS-KD, 50 rounds from t^0.8 (is)', 'is08', 'rskd', 'cache-is08'),
+        ('RS-KD, 50 rounds from t^1.2 (is)', 'is12', 'rskd', 'cache-is12'),
+        ('RS-KD, 5 rounds', 'rs5', 'rskd', 'cache-rs5'), ('RS-KD, 12 rounds', 'rs12', 'rskd', 'cache-rs12'),
+        ('RS-KD, 150 rounds', 'rs150', 'rskd', 'cache-rs150')]
 SEEDS = (1, 2)
 
 
@@ -410,12 +415,16 @@ def cache_size(cache):
         meta = json.load(f)
     P = meta['num_seqs'] * meta['block_size']
     size = f"{sum(map(os.path.getsize, glob.glob(os.path.join(cache, '*.bin')))) / P:.1f}"
-    return size + (f" ({meta['entries'] / P:.1f} unique)" if meta['method'] == 'rs' else '')
+    return size + (f" ({meta['entries'] / P:.1f} unique)" if meta['method'] != 'topk' else '')
 
 
 def print_tables(rows=ROWS, seeds=SEEDS):
     with open(os.path.join('out', 'bench.json')) as f:
         step = json.load(f)['step_ratio_vs_ce']
+    missing = [r[0] for r in rows if not all(os.path.isdir(f'out-{r[1]}-{seed}') for seed in seeds)]
+    rows = [r for r in rows if r[0] not in missing]
+    if missing:
+        print(f"(not in this folder, so left out: {', '.join(missing)})\n")
     print('| student | val loss | ECE % | KL to teacher | spec. accept % | step time vs CE | cache bytes/position |')
     print('|---|---|---|---|---|---|---|')
     for name, run, method, cache in rows:

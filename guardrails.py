@@ -5,10 +5,13 @@ ending in a traceback, and that a reader of the method need not see.
 - the command line, generated from rskd.Config's fields, and the checks of its values
 - the run's environment: torchrun's ranks, the device, the dtype, autocast
 - the resume-config merge (a resumed run keeps what would change its data order or model)
-- data and cache validation: meta.json schemas, file sizes, fingerprints of the data and the teacher
-- atomic writes, checkpoint and teacher loading (weights only: a file cannot run code)
-- the cache's files on disk: creation, resume truncation, commits
-- the stop flag for Ctrl-C/SIGTERM, and one-line messages for the errors a user can cause
+- data and cache validation: meta.json schemas, file sizes, fingerprints of the data and the teacher,
+  the data's crc32, and each cache sequence's crc32 and values (checked per batch, and by --mode verify)
+- atomic writes, checkpoint and teacher loading (weights only: a file cannot run code), metrics.jsonl
+  kept consistent with the checkpoint
+- the cache's files on disk: creation, resume truncation, commits with checksums
+- one run per output folder (an flock), the stop flag for Ctrl-C/SIGTERM, and one-line messages for
+  the errors a user can cause
 
 Every function that finds a problem the user can fix calls die(): one line that says what to do, exit 1.
 """

@@ -709,10 +709,10 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
     # the script behind RESULTS.md's tables, on fake runs: two seeds of each row, and their caches
     import bench
     monkeypatch.chdir(tmp_path)
-    for cache in ('cache-topk', 'cache-rs', 'cache-sys'):
-        shutil.copytree(caches['topk' if cache == 'cache-topk' else 'rs'], cache)
+    for cache in {row[3] for row in bench.ROWS if row[3]}:
+        shutil.copytree(caches['topk' if cache == 'cache-topk' else 'is' if 'is' in cache else 'rs'], cache)
     os.makedirs('out')
-    json.dump(dict(step_ratio_vs_ce=dict(ce=1.0, rskd=1.02, topk=1.01, ghost=1.8, fullkd=2.2)), open('out/bench.json', 'w'))
+    json.dump(dict(step_ratio_vs_ce={m: 1.0 + i / 10 for i, m in enumerate(bench.STEP_METHODS)}), open('out/bench.json', 'w'))
     bins = [[10, (b + 0.5) / 15, 0.5] for b in range(15)]
     for i, (_, run_name, *_) in enumerate(bench.ROWS):
         for seed in (1, 2):
@@ -723,8 +723,12 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
     bench.print_tables()
     out = capsys.readouterr().out
     assert '| CE | 3.015 ± 0.005 | 2.00 ± 0.00 | 0.100 ± 0.000 | 90.0 ± 0.0 | 1.00 | - |' in out
-    assert '| Full KD | 8.015 ± 0.005 |' in out and 'unique)' in out
+    assert '| Full KD | 8.015 ± 0.005 |' in out and 'unique)' in out and '| RS-KD, 150 rounds | 15.015 ± 0.005 |' in out
     assert out.count('\n| 0.') == 5  # the five merged confidence bins
+    shutil.rmtree('out-naive-2')  # a row whose runs are not all there is left out, and said to be
+    bench.print_tables()
+    out = capsys.readouterr().out
+    assert 'left out: Top-K 12 + naive fix' in out and '| Top-K 12 + naive fix |' not in out
 
 
 def test_bench_rounds_sweep(tmp_path, data, teacher):
