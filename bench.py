@@ -297,8 +297,10 @@ def report(res, cfg):
         print(f"{k:8} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
               f"{res['peak_mem_bytes'][k] / 2**20:8.0f}")
     for m, ms in res['host_batch_ms'].items():
-        print(f"host time per micro-batch of {B}x{T} ({m}): {ms:.1f} ms next to a {res['step_ms'][m]:.1f} ms step; "
-              f"at {res['pipeline_shape']}: {res['pipeline_host_ms'][m]:.1f} ms (prefetched while the GPU runs)")
+        big = res['pipeline_host_ms'].get(m)  # (None when the data holds fewer than 16 x 1024 tokens)
+        at_scale = f"; at {res['pipeline_shape']}: {big:.1f} ms" if big is not None else ""
+        print(f"host time per micro-batch of {B}x{T} ({m}): {ms:.1f} ms next to a {res['step_ms'][m]:.1f} ms "
+              f"step{at_scale} (prefetched while the GPU runs)")
     for m, r in res['read_ms'].items():
         print(f"reading a batch of the {m} cache: {r['checked']:.2f} ms with its checksums and values checked, "
               f"{r['unchecked']:.2f} ms without ({100 * res['check_cost_share_of_step'][m]:.2f}% of a step)")

@@ -101,6 +101,7 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
             die(f"{ckpt_path} is a folder, not a checkpoint: move it away or use another --out_dir")
         if args.get('resume'):  # the saved run's config, then whatever this command line changes
             ckpt = load_checkpoint(ckpt_path)
+            ckpt['loaded_mtime'] = os.stat(ckpt_path).st_mtime_ns  # (folder_lock checks it is still so)
             base.update({k: v for k, v in ckpt['config'].items() if k in config_cls.__dataclass_fields__})
             changed = [k for k in RESUME_FIXED if k in args and args[k] != base.get(k)]
             if changed:
@@ -115,6 +116,9 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
     cfg = config_cls(**{**base, **args})
     if cfg.method == 'rs' and cfg.proposal_temperature != 1:  # RS from a tempered proposal: an is cache
         cfg = replace(cfg, method='is')
+        if mode == 'cache' and os.environ.get('RANK', '0') == '0':
+            print(f"note: --proposal_temperature {cfg.proposal_temperature} draws from q ∝ t^tau and stores "
+                  f"t/q: an importance-sampled (is) cache")
     if cfg.method not in formats:  # the cache methods are FORMATS's entries
         die(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(formats)}) (see --help)")
     check_config(cfg)
@@ -183,6 +187,10 @@ def setup(cfg):
     env = SimpleNamespace(ddp='RANK' in os.environ, rank=0, world=1, device=cfg.device)
     if env.ddp:
         use_cuda = torch.cuda.is_available() and cfg.device != 'cpu'
+        if 'LOCAL_RANK' not in os.environ:
+            die("RANK is set but LOCAL_RANK is not: start distributed runs with torchrun")
+        if cfg.device.startswith('cuda') and not use_cuda:
+            die(f"--device {cfg.device}, but this PyTorch sees no CUDA GPU: use --device cpu")
         ranks, gpus = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), torch.cuda.device_count()
         if use_cuda and ranks > gpus:  # every rank says so and stops, before any of them waits
             die(f"torchrun started {ranks} processes on this machine, which has {gpus} GPUs: use "
@@ -214,7 +222,7 @@ def check_model_size(cfg, V, env):
     params = (V + 63) // 64 * 64 * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     need = 16 * params + 3 * 4 * cfg.batch_size * cfg.block_size * V
     if env.type == 'cuda':
-        have = torch.cuda.mem_get_info(env.device)[1]
+        have = torch.cuda.get_device_properties(env.device).total_memory
     else:
         have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if need > have:
@@ -373,9 +381,17 @@ def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config, e
     save_atomic(write, path)
 
 
-def restore(ckpt, model, optimizer, scaler):
-    """Load a checkpoint's state into a new run; returns (iteration, best val loss)."""
-    model.load_state_dict(ckpt['model'])
+def restore(ckpt, model, optimizer, scaler, data):
+    """Load a checkpoint's state into a new run; returns (iteration, best val loss). The run must
+    train on the tokens the saved one did (data: their fingerprint)."""
+    saved = ckpt['config'].get('data', data)
+    if (saved['n_tokens'], saved['sha256']) != (data['n_tokens'], data['sha256']):
+        die(f"the run in {ckpt['config']['out_dir']} trained on other data ({saved['n_tokens']:,} tokens of "
+            f"{saved['path']}, now {data['n_tokens']:,} of {data['path']}): resume it on its own --data_dir")
+    try:
+        model.load_state_dict(ckpt['model'])
+    except RuntimeError:
+        die(f"the checkpoint in {ckpt['config']['out_dir']} holds a model of another shape or vocabulary")
     optimizer.load_state_dict(ckpt['optimizer'])
     if ckpt['scaler']:  # empty when the saved run had no scaler (bfloat16, float32): start a new one
         scaler.load_state_dict(ckpt['scaler'])
@@ -644,6 +660,8 @@ def read_cache_meta(cache_dir, formats):
     valid = (meta['format'] == 'rskd-cache' and meta['version'] == 2 and meta['ids_dtype'] in ('uint16', 'int32')
              and 0 <= meta['seqs_done'] <= meta['num_seqs'])
     valid = valid and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
+    positions = meta['seqs_done'] * meta['block_size']  # each holds 1..255 entries (K in Top-K)
+    valid = valid and positions <= meta['entries'] <= positions * max(255, meta.get('k', 0))
     for k in formats[method]['meta']:
         if k in VALID_VALUES and not VALID_VALUES[k](meta[k]):
             valid = False
@@ -652,12 +670,15 @@ def read_cache_meta(cache_dir, formats):
     return meta
 
 
-def cache_memmaps(cache_dir, meta, formats):
-    """The cache's files, memory-mapped, after checking each one's size against meta.json."""
+def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
+    """The cache's files, memory-mapped, after checking each one's size against meta.json. tail_ok:
+    an incomplete cache's files may run past the last commit (a rerun cuts that off); only the
+    committed part is mapped."""
     mm = {}
     for name, (dt, n) in file_sizes(meta, formats).items():
         path = os.path.join(cache_dir, f'{name}.bin')
-        if not os.path.exists(path) or os.path.getsize(path) != n * np.dtype(dt).itemsize:
+        size = os.path.getsize(path) if os.path.isfile(path) else -1
+        if size != n * np.dtype(dt).itemsize and not (tail_ok and size > n * np.dtype(dt).itemsize):
             die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; delete it "
                 f"and make it again with --mode cache")
         mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,))
@@ -682,10 +703,11 @@ def read_rows(mm, units, meta, seqs):
             spans = [(int(mm['seq_offsets'][s]), int(mm['seq_offsets'][s + 1])) for s in seqs]
         elif unit in ('sequence', 'crc'):
             continue
-        else:
+        else:  # fixed width: the file's size (checked) bounds these
             n = per_sequence(meta, unit)
             spans = [(s * n, (s + 1) * n) for s in seqs]
-        if any(not 0 <= a <= b <= min(len(mm[name]), a + meta['block_size'] * 255) for a, b in spans):
+        if unit == 'entry' and any(not 0 <= a <= b <= min(len(mm[name]), a + meta['block_size'] * 255)
+                                   for a, b in spans):
             spans = [(0, 0)] * len(spans)  # damaged offsets: check_batch reports them
         rows[name] = np.concatenate([mm[name][a:b] for a, b in spans])
     return rows
@@ -696,11 +718,15 @@ def verify_cache(cfg, env, formats):
     values, and the data in --data_dir against its own checksum and the cache's fingerprint. Lists
     every damaged range; exits 1 if there is one."""
     meta = read_cache_meta(cfg.cache_dir, formats)
-    mm, units = cache_memmaps(cfg.cache_dir, meta, formats), file_units(meta, formats)
-    S, T = meta['seqs_done'], meta['block_size']
+    mm = cache_memmaps(cfg.cache_dir, meta, formats, tail_ok=not meta['complete'])
+    units, S, T = file_units(meta, formats), meta['seqs_done'], meta['block_size']
+    if not meta['complete']:
+        print(f"note: {cfg.cache_dir} is incomplete: its {S:,} committed sequences are verified, and "
+              f"--mode cache resumes it")
+    split = os.path.join(cfg.data_dir, f"{meta['split']}.bin")
     if os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
         # the tokens it covers: all of the split, or the first max_seqs * T + 1 (--max_seqs)
-        n_file = os.path.getsize(os.path.join(cfg.data_dir, f"{meta['split']}.bin")) // 2
+        n_file = os.path.getsize(split) // 2 if os.path.isfile(split) else 0
         max_seqs = 0 if meta['data']['n_tokens'] == n_file else (meta['data']['n_tokens'] - 1) // T
         path, n, _ = check_data(cfg.data_dir, meta['split'], T, max_seqs, env)
         tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(n,))
@@ -908,12 +934,13 @@ def stop_everywhere(stop, env):
 
 
 @contextmanager
-def folder_lock(cfg, env):
+def folder_lock(cfg, env, ckpt=None):
     """One run at a time per output folder (out_dir; cache_dir in cache and verify modes): an flock on
     FOLDER/.lock, held for the run. The OS drops it when its holder dies, so a killed run's lock file
     never blocks the next one; the file keeps the pid of the run that holds it."""
     folder = cfg.cache_dir if cfg.mode in ('cache', 'verify') else cfg.out_dir
-    if not env.master or (cfg.mode == 'verify' and not os.path.isdir(folder)):
+    read_only = cfg.mode == 'verify' and not (os.path.isdir(folder) and os.access(folder, os.W_OK))
+    if not env.master or read_only:  # (verify only reads: a cache on read-only media is fine)
         yield
         return
     os.makedirs(folder, exist_ok=True)
@@ -928,6 +955,8 @@ def folder_lock(cfg, env):
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
+        if ckpt and os.stat(os.path.join(folder, 'ckpt.pt')).st_mtime_ns != ckpt['loaded_mtime']:
+            die(f"{folder}/ckpt.pt was saved by another run while this one started: run the command again")
         try:
             yield
         finally:
@@ -937,9 +966,12 @@ def folder_lock(cfg, env):
 @contextmanager
 def ddp_teardown(env):
     """Under DDP, free DDP (and the gloo work it holds) while Python is fully alive, then end the
-    process group: left to interpreter shutdown, a gloo worker can abort a finished run."""
+    process group: left to interpreter shutdown, a gloo worker can abort a finished run. A finished
+    run first waits for every rank (rank 0 may still be saving), so none takes the group down early."""
     try:
         yield
+        if env.ddp:
+            dist.barrier()
     finally:
         if env.ddp:
             gc.collect()

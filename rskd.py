@@ -9,7 +9,6 @@ an unbiased estimate of t at ~3 bytes per stored id, and the student trains on t
   python rskd.py --mode train --loss rskd --cache_dir cache-rs   # (or topk, fullkd, ce) the student
   python rskd.py --mode bench                                    # speed, memory, gradient fidelity
   torchrun --standalone --nproc_per_node=8 rskd.py --mode cache ...   # any mode but bench, N GPUs
-
 Read top to bottom: Config, data, the method, cache mode, training. Checks live in guardrails.py.
 """
 import functools
@@ -180,8 +179,9 @@ def stored_weights(meta, stored):
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids only, p the student's softmax
     # over the FULL vocabulary. RS-KD: w = c / N sums to 1, and the gradient w.r.t. the logits is
-    # p - w, unbiased for full KD's p - t. Vanilla Top-K: w = the top K probabilities, the gradient
-    # is (sum_K t) p - t_K: biased (and with sum w < 1 the loss can go below 0). Padding: w = 0.
+    # p - w, unbiased for full KD's p - t (importance sampling: (sum w) p - w, still p - t in
+    # expectation). Vanilla Top-K: w = the top K probabilities, the gradient is (sum_K t) p - t_K:
+    # biased (and with sum w < 1 the loss can go below 0). Padding: w = 0.
     logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids)  # (B, T, K)
     return (torch.xlogy(w, w) - w * logp).sum(-1).mean()
 
@@ -246,9 +246,8 @@ def sample_draws(probs, rounds, gens, sampler='multinomial', group_size=16):
     width = rounds if sampler == 'multinomial' else 1
     uniform = torch.stack([torch.rand(T, width, generator=gen, device=gen.device, dtype=torch.float64)
                            for gen in gens])  # (B, T, rounds or 1), one stream per sequence
-    # The CDF is two-level and float64: first the group of ~16 tokens (group_reduce) whose mass
-    # holds the point, then the token inside it. A float32 CDF over 50k tokens would round each
-    # interval by ~1e-8 (absolute), a large relative error for tiny probabilities; here ~1e-7.
+    # A two-level float64 CDF: the group of ~16 tokens (group_reduce) whose mass holds the point, then
+    # the token in it. (A float32 CDF over 50k tokens would round each interval by ~1e-8 absolute.)
     draws = []
     for p, u in by_rows(probs, uniform):
         mass = group_reduce(p, 'sum', group_size)  # (rows, n_groups)
@@ -264,10 +263,11 @@ def sample_draws(probs, rounds, gens, sampler='multinomial', group_size=16):
         inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the chosen group's own CDF
         # the point's offset inside its group, rescaled to the inner CDF and kept in (0, total]:
         # float rounding can then never land it on a zero-probability token
-        rest = (points - cdf.gather(-1, group)) / mass.gather(-1, group) + 1
-        rest = (rest * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny)
-        rest = torch.minimum(rest, inner[..., -1])
-        draws.append(cols.gather(-1, torch.searchsorted(inner, rest.unsqueeze(-1))).squeeze(-1))
+        offset = (points - cdf.gather(-1, group)) / mass.gather(-1, group) + 1
+        offset = (offset * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny)
+        offset = torch.minimum(offset, inner[..., -1])
+        member = torch.searchsorted(inner, offset.unsqueeze(-1))  # (rows, rounds, 1)
+        draws.append(cols.gather(-1, member).squeeze(-1))
     return torch.cat(draws).view(B, T, rounds).sort(-1).values
 
 def group_reduce(probs, op, group_size=16):
@@ -277,9 +277,9 @@ def group_reduce(probs, op, group_size=16):
     reduce, combine = (torch.sum, torch.add) if op == 'sum' else (torch.amax, torch.maximum)
     V = probs.shape[-1]
     n_groups = -(-V // group_size)
-    q = V // n_groups
-    out = reduce(probs[..., :q * n_groups].unflatten(-1, (q, n_groups)), -2)
-    out[..., :V - q * n_groups] = combine(out[..., :V - q * n_groups], probs[..., q * n_groups:])
+    full = V // n_groups * n_groups  # the tokens of the (V // n_groups, n_groups) view
+    out = reduce(probs[..., :full].unflatten(-1, (-1, n_groups)), -2)
+    out[..., :V - full] = combine(out[..., :V - full], probs[..., full:])
     return out
 
 def group_members(groups, V, group_size=16):
@@ -339,7 +339,8 @@ def cache_batch(teacher, idx, seqs, cfg, env, units):
     probs = torch.softmax(logits, -1, out=logits if env.type == 'cpu' else None)
     fmt = FORMATS[cfg.method]
     part = fmt['target'](probs, cfg, seq_generators(cfg.seed, seqs, env.device))
-    assert set(part) == set(fmt['files']) - {'seq_offsets'}, f"{cfg.method}: fill each of its files"
+    if set(part) != set(fmt['files']) - {'seq_offsets'}:  # a fork's target and its table disagree
+        raise RuntimeError(f"{cfg.method}: its target function must fill each of its files")
     return {name: t.cpu().numpy().reshape(-1).astype(units[name][0]) for name, t in part.items()}
 
 def run_cache(cfg, env, loaded=None):
@@ -443,7 +444,7 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
         # ECE: top-1 confidence in NBINS bins, sum_b (n_b / n) |accuracy_b - confidence_b|
         conf, pred = logp.max(-1)
         conf, correct = conf.exp().flatten(), (pred == targets).flatten().float()
-        bins = (conf * NBINS).long().clamp(max=NBINS - 1)  # sums per bin: positions, conf., accuracy
+        bins = (conf * NBINS).long().clamp(max=NBINS - 1)  # per bin: positions, conf., accuracy
         per_bin = torch.stack([torch.ones_like(conf), conf, correct]).double()  # (scattered: no sync)
         s[4:].view(3, NBINS).scatter_add_(1, bins.expand(3, -1), per_bin)
         if teacher is not None:  # KL(teacher || student), and speculative decoding's expected
@@ -479,9 +480,8 @@ def run_train(cfg, env, ckpt=None):
     micro_steps = check_batching(cfg, env.world, S)  # per rank; a step must fit the data
     # sparse targets come from the cache. The teacher is needed by fullkd, and otherwise feeds only
     # the kl_teacher/spec_accept metrics (the cache's own teacher if it still exists, or --teacher)
-    cache_meta, reader = None, None
-    if loss_name in ('rskd', 'topk'):
-        cache_meta, reader = open_cache(cfg, loss_name, tokens, V, env)
+    sparse_kd = loss_name in ('rskd', 'topk')
+    cache_meta, reader = open_cache(cfg, loss_name, tokens, V, env) if sparse_kd else (None, None)
     teacher = find_teacher(cfg, loss_name == 'fullkd', cache_meta, V, env)
 
     check_model_size(cfg, V, env)  # before allocating: weights, gradients and moments must fit
@@ -490,8 +490,9 @@ def run_train(cfg, env, ckpt=None):
     model = GPT(GPTConfig(block_size=T, vocab_size=V, **shape)).to(env.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')  # bf16 needs none
-    # exact resume: weights, optimizer moments, scaler, RNG and the step
-    it, best_val_loss = restore(ckpt, model, optimizer, scaler) if ckpt else (0, math.inf)
+    # exact resume: weights, optimizer moments, scaler, RNG and step, on the same training tokens
+    data = data_fingerprint(tokens, os.path.join(cfg.data_dir, 'train.bin'), env)
+    it, best_val_loss = restore(ckpt, model, optimizer, scaler, data) if ckpt else (0, math.inf)
     raw_model = model  # checkpoints hold the plain model: no _orig_mod. or module. prefixes
     if env.compile:
         model = torch.compile(model)
@@ -526,13 +527,13 @@ def run_train(cfg, env, ckpt=None):
                     best_val_loss = min(best_val_loss, m['val_loss'])
                     evals.append(dict(iter=it, loss=loss_name, seed=cfg.seed, train_loss=lossf,
                                       tok_s=train_tokens / train_time if train_time else None, **m))
-                    save(it, best_val_loss, asdict(cfg), evals)
+                    save(it, best_val_loss, dict(asdict(cfg), data=data), evals)
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
             if stop_everywhere(stop, env):  # every rank stops at the same step
                 if env.master:
-                    save(it, best_val_loss, asdict(cfg), evals)
+                    save(it, best_val_loss, dict(asdict(cfg), data=data), evals)
                     print(f"interrupted: saved {ckpt_path} at iter {it}. Resume with the same "
                           f"command plus --resume true")
                 return
@@ -551,9 +552,8 @@ def run_train(cfg, env, ckpt=None):
                 loss = loss_fn(logits, idx, targets, sparse) / micro_steps
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # the next micro-batch, read and checked while the GPU works on this one (CUDA runs
-                # asynchronously until the step's one sync below): the GPU never waits for the host
-                batch = fetch(it * micro_steps + micro + 1)
+                last = it + 1 == cfg.max_iters and micro + 1 == micro_steps  # (nothing after the last)
+                batch = None if last else fetch(it * micro_steps + micro + 1)  # read while the GPU runs
             if env.ddp:  # the mean over ranks (gloo has no AVG)
                 dist.all_reduce(loss_sum)
                 loss_sum /= env.world
@@ -585,7 +585,7 @@ def main(argv=None):
     cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS)  # defaults < resumed run < CLI
     env = setup(cfg)  # torchrun's rank, the device, --dtype's autocast context (env.ctx), --compile
     # Ctrl-C, a full disk, a read-only folder: one line, finished work kept; DDP torn down cleanly
-    with ddp_teardown(env), user_errors(cfg), folder_lock(cfg, env):  # one run per output folder
+    with ddp_teardown(env), user_errors(cfg), folder_lock(cfg, env, ckpt):  # one run per folder
         if cfg.mode in ('teacher', 'train'):
             run_train(cfg, env, ckpt)
         elif cfg.mode == 'cache':

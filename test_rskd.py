@@ -701,7 +701,7 @@ def test_a_new_target_goes_in_through_the_table(tmp_path, data, teacher, monkeyp
     def extra_file(probs, cfg, gens):
         return dict(top1_target(probs, cfg, gens), weights=torch.ones(1))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', extra_file)
-    with pytest.raises(AssertionError, match='fill each of its files'):
+    with pytest.raises(RuntimeError, match='must fill each of its files'):
         run(*cache_args(data, teacher, tmp_path / 'c2', '--method', 'top1'))
 
 
@@ -872,7 +872,8 @@ def bad_inputs(tmp, data, teacher, caches):
         'data meta missing field': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', eot=None))], "missing fields ['eot']"),
         'data meta wrong type': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', train_tokens='20000'))], "'train_tokens' should be int"),
         'missing cache': (lambda: [*train, '--cache_dir', f'{tmp}/none'], 'no cache in'),
-        'incomplete cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', complete=False, seqs_done=8))], 'incomplete (8/'),
+        'incomplete cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', complete=False, seqs_done=8,
+                                                                     entries=int(np.fromfile(f'{d}/seq_offsets.bin', np.uint64)[8])))], 'incomplete (8/'),
         'cache of other data': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: set_token(d, 7))], 'other training data'),
         'cache of other block_size': (lambda: [*train, '--cache_dir', caches['rs'], '--block_size', 8], 'pass --block_size 16'),
         'cache of other vocab': (lambda: [*train, '--cache_dir', caches['rs'], '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', vocab_size=101))], 'over 97 tokens, not train over 101'),
@@ -924,6 +925,10 @@ def bad_inputs(tmp, data, teacher, caches):
         'cache meta with impossible values': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', rounds=0))], 'holds values that rskd never writes'),
         'out_dir in use': (lambda: [*train, '--cache_dir', caches['rs'], '--out_dir', locked(f'{tmp}/out')], 'is in use by another rskd run (process 4242)'),
         'cache_dir in use': (lambda: cache_args(data, teacher, locked(f'{tmp}/c')), 'is in use by another rskd run (process 4242)'),
+        'resume on other data': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--data_dir', write_data(f'{tmp}/other', seed=1)])[1],
+                                 'trained on other data'),
+        'cache meta with impossible entries': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', entries=-5))], 'holds values that rskd never writes'),
+        'verify without its split file': (lambda: ['--mode', 'verify', '--cache_dir', caches['rs'], *TINY[:-2], '--data_dir', data_with(lambda d: os.remove(f'{d}/train.bin'))], 'train.bin not found'),
         'resume with another batch_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--batch_size', 8])[1],
                                            'a resumed run keeps its batch_size'),
     }
@@ -1164,6 +1169,36 @@ def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, cac
     assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['iter_num'] == 4
 
 
+def test_wide_top_k_rows_are_read_whole():
+    # a Top-K cache with k > 255 (the most entries a ragged position can have): its fixed-width rows
+    # are read whole, not cut to 255 per position
+    meta = dict(method='topk', block_size=2, k=300, vocab_size=50257, seqs_done=3, entries=1800, ids_dtype='uint16')
+    units = guardrails.file_units(meta, rskd.FORMATS)
+    mm = dict(ids=np.arange(1800, dtype=np.uint16), probs=np.linspace(1, 0, 1800).astype(np.float16))
+    rows = guardrails.read_rows(mm, units, meta, [0, 2])
+    assert len(rows['ids']) == 2 * 2 * 300 and rows['ids'][600] == 1200
+
+
+def test_verify_an_interrupted_cache(tmp_path, data, teacher, caches, capsys):
+    # killed after its 3rd chunk's data was written but before meta.json recorded it: verify checks
+    # the committed part, says the rest is resumable, and the resumed cache is the uninterrupted one
+    d = str(tmp_path / 'c')
+    args = cache_args(data, teacher, d)
+    run_killed('guardrails.write_json', 4, f"rskd.main({[str(a) for a in args]!r})")
+    capsys.readouterr()
+    run('--mode', 'verify', '--data_dir', data, '--cache_dir', d, *TINY)
+    out = capsys.readouterr().out
+    assert 'is incomplete' in out and f'{d} is intact: 8 sequences (so far)' in out
+    run(*args)
+    assert files_of(d) == files_of(caches['rs'])
+
+
+def test_torchrun_environment_without_local_rank(tmp_path, data, caches, capsys, monkeypatch):
+    monkeypatch.setenv('RANK', '0')
+    assert 'LOCAL_RANK is not' in fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'],
+                                       *TINY, '--out_dir', tmp_path)
+
+
 def test_verify_lists_every_damaged_range(tmp_path, data, caches, capsys):
     run('--mode', 'verify', '--data_dir', data, '--cache_dir', caches['is'], *TINY)
     assert f"{caches['is']} is intact: 1,249 sequences" in capsys.readouterr().out
@@ -1394,7 +1429,9 @@ def test_cuda_torchrun_nccl(tmp_path, data, caches):
     one, many = final_weights(tmp_path / 'one'), final_weights(tmp_path / 'many')
     assert all(torch.allclose(one[k], many[k], atol=1e-4) for k in one)
     p = torchrun(torch.cuda.device_count() + 1, *common, '--out_dir', tmp_path / 'too_many', ok=False)
-    assert 'processes on this machine, which has' in p.stdout + p.stderr and 'Traceback' not in p.stderr
+    # each worker's one line (torchrun's own launcher prints a traceback of its ChildFailedError)
+    assert 'processes on this machine, which has' in p.stdout + p.stderr
+    assert 'rskd.py", line' not in p.stderr and 'guardrails.py", line' not in p.stderr
 
 
 # ----------------------------------------------------------------------------- soak (not in CI)
