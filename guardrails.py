@@ -540,12 +540,34 @@ VALID_VALUES = dict(rounds=lambda r: 1 <= r <= 255, sampler=lambda s: s in ('mul
                     k=lambda k: k >= 1, proposal_temperature=lambda tau: 0 < tau < math.inf)
 
 
+# the file names whose values check_rows knows (seq_offsets: checked through the sequence crcs)
+CHECKED_FILES = ('lengths', 'ids', 'counts', 'probs', 'weights', 'seq_offsets')
+
+
 def file_units(meta, formats):
     """name -> (numpy dtype, unit) of each file of a cache: its method's files, then checksums.bin,
-    which every cache has: one crc32 per sequence, over that sequence's bytes in all the other files."""
+    which every cache has: one crc32 per sequence, over that sequence's bytes in all the other files.
+    A fork's file that check_rows does not know is refused here, before any cache is written or read."""
+    unchecked = sorted(set(formats[meta['method']]['files']) - set(CHECKED_FILES))
+    if unchecked:
+        raise RuntimeError(f"{meta['method']}: guardrails.check_rows has no value checks for its file(s) "
+                           f"{unchecked}: add them there, and the names to CHECKED_FILES")
     files = {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, unit)
              for name, (dtype, unit) in formats[meta['method']]['files'].items()}
     return dict(files, checksums=('uint32', 'crc'))
+
+
+class RecordedOptions(SimpleNamespace):
+    def __getattr__(self, name):  # (only called for a name that is not there)
+        raise AttributeError(f"a target function read cfg.{name}, which its FORMATS entry's meta does not "
+                             f"record: add {name} there, so that the cache records it and a resume with "
+                             f"another value is refused")
+
+
+def recorded_options(cfg, fmt):
+    """The options a cache's target function may read: exactly those its meta.json records (its
+    FORMATS entry's 'meta'), so that no option that shapes a cache goes unrecorded."""
+    return RecordedOptions(**{name: getattr(cfg, name) for name in fmt['meta']})
 
 
 def file_sizes(meta, formats):

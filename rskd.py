@@ -28,8 +28,8 @@ from guardrails import (cache_memmaps, check_batch, check_batching, check_cache_
                         check_cache_options, check_data, check_model_size, check_step,
                         check_val_loss, commit_chunk, data_fingerprint, ddp_teardown, die,
                         file_units, find_teacher, finish_cache, folder_lock, gather_on_master,
-                        load_teacher, log_eval, open_cache_files, opt, parse_args,
-                        progress_printer, read_cache_meta, read_rows, resolve_config, restore,
+                        load_teacher, log_eval, open_cache_files, opt, parse_args, progress_printer,
+                        read_cache_meta, read_rows, recorded_options, resolve_config, restore,
                         resume_cache, save_checkpoint, setup, start_metrics, stop_everywhere,
                         stop_requested, user_errors, verify_cache)
 from model import GPT, GPTConfig
@@ -73,7 +73,7 @@ class Config:
     method: str = opt('rs', "the sparse target: a method of FORMATS below (rs, topk, is)")
     sampler: str = opt('multinomial', "systematic: lower variance", ('multinomial', 'systematic'))
     rounds: int = opt(50, "RS draws per position, 1..255")
-    proposal_temperature: float = opt(1.0, "tau: --method is draws from q ∝ t^tau (rs: tau = 1)")
+    proposal_temperature: float = opt(1.0, "tau != 1: draw from q ∝ t^tau, store t/q: an is cache")
     k: int = opt(12, "Top-K entries per position")
     split: str = opt('train', "the split --mode cache runs over", ('train', 'val'))
     commit_seconds: float = opt(5.0, "cache mode commits (fsyncs) at most this often")
@@ -181,7 +181,7 @@ def sparse_kd_loss(logits, ids, w):
     # over the FULL vocabulary. RS-KD: w = c / N sums to 1, and the gradient w.r.t. the logits is
     # p - w, unbiased for full KD's p - t (importance sampling: (sum w) p - w, still p - t in
     # expectation). Vanilla Top-K: w = the top K probabilities, the gradient is (sum_K t) p - t_K:
-    # biased (and with sum w < 1 the loss can go below 0). Padding: w = 0.
+    # biased. With sum w != 1 (Top-K, importance weights) it is no KL and can be < 0. Padding: w = 0
     logp = F.log_softmax(logits.float(), dim=-1).gather(-1, ids)  # (B, T, K)
     return (torch.xlogy(w, w) - w * logp).sum(-1).mean()
 
@@ -246,8 +246,8 @@ def sample_draws(probs, rounds, gens, sampler='multinomial', group_size=16):
     width = rounds if sampler == 'multinomial' else 1
     uniform = torch.stack([torch.rand(T, width, generator=gen, device=gen.device, dtype=torch.float64)
                            for gen in gens])  # (B, T, rounds or 1), one stream per sequence
-    # A two-level float64 CDF: the group of ~16 tokens (group_reduce) whose mass holds the point, then
-    # the token in it. (A float32 CDF over 50k tokens would round each interval by ~1e-8 absolute.)
+    # A two-level CDF, accumulated in float64: the group of ~16 tokens (group_reduce's float32 sums)
+    # holding the point, then its token: errors ~1e-7 relative, not a float32 CDF's 1e-8 absolute
     draws = []
     for p, u in by_rows(probs, uniform):
         mass = group_reduce(p, 'sum', group_size)  # (rows, n_groups)
@@ -337,8 +337,8 @@ def cache_batch(teacher, idx, seqs, cfg, env, units):
         logits = teacher(idx).float()  # (B, T, V), the real vocabulary only
     # float32, and on CPU in place: a fresh 400 MB tensor per batch costs more in page faults there
     probs = torch.softmax(logits, -1, out=logits if env.type == 'cpu' else None)
-    fmt = FORMATS[cfg.method]
-    part = fmt['target'](probs, cfg, seq_generators(cfg.seed, seqs, env.device))
+    fmt, gens = FORMATS[cfg.method], seq_generators(cfg.seed, seqs, env.device)
+    part = fmt['target'](probs, recorded_options(cfg, fmt), gens)  # only what its meta records
     if set(part) != set(fmt['files']) - {'seq_offsets'}:  # a fork's target and its table disagree
         raise RuntimeError(f"{cfg.method}: its target function must fill each of its files")
     return {name: t.cpu().numpy().reshape(-1).astype(units[name][0]) for name, t in part.items()}

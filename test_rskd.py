@@ -704,6 +704,23 @@ def test_a_new_target_goes_in_through_the_table(tmp_path, data, teacher, monkeyp
     with pytest.raises(RuntimeError, match='must fill each of its files'):
         run(*cache_args(data, teacher, tmp_path / 'c2', '--method', 'top1'))
 
+    # ... a target that reads an option its meta does not record (a resume could change it unseen)
+    def unrecorded_option(probs, cfg, gens):
+        values, ids = rskd.top_k(probs.flatten(0, 1), cfg.k)
+        return dict(ids=ids, probs=values.half())
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'target', unrecorded_option)
+    with pytest.raises(AttributeError, match="read cfg.k, which its FORMATS entry's meta does not record"):
+        run(*cache_args(data, teacher, tmp_path / 'c3', '--method', 'top1'))
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'meta', dict(k=int))  # recorded: it runs, and meta has k
+    run(*cache_args(data, teacher, tmp_path / 'c5', '--method', 'top1'))
+    assert json.load(open(tmp_path / 'c5' / 'meta.json'))['k'] == rskd.Config.k
+    # ... and a file whose values check_rows does not know, refused before anything is written
+    files = dict(rskd.FORMATS['top1']['files'], scores=('float32', 'position'))
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'files', files)
+    with pytest.raises(RuntimeError, match=r"no value checks for its file\(s\) \['scores'\]"):
+        run(*cache_args(data, teacher, tmp_path / 'c4', '--method', 'top1'))
+    assert not os.path.exists(tmp_path / 'c4' / 'meta.json')
+
 
 def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsys):
     # the script behind RESULTS.md's tables, on fake runs: two seeds of each row, and their caches
