@@ -141,8 +141,8 @@ def is_target(probs, cfg, gens):
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids with their probabilities, NOT renormalised (vanilla
     # Top-K). The student never hears of the tail, and learns to be over-confident
-    top = [top_k(chunk, cfg.k) for (chunk,) in by_rows(probs)]  # (rows, K), most probable first
-    ids, values = torch.cat([i for _, i in top]), torch.cat([v for v, _ in top])
+    top = [top_k(chunk, cfg.k) for (chunk,) in by_rows(probs)]  # (values, ids) per chunk of rows
+    values, ids = (torch.cat(parts) for parts in zip(*top))  # (B*T, K) each, most probable first
     return dict(ids=ids, probs=values.half())
 
 # The cache format, one entry per method: target function, the --loss it trains, the fields its
