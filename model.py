@@ -184,7 +184,8 @@ class GPT(nn.Module):
 # dense bf16/fp16 tensor-core peaks (flop/s, no sparsity) from the vendors' data sheets, by the name
 # torch.cuda.get_device_name() gives; the first entry that matches wins, so the specific ones go first
 PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200 NVL', 835e12),
-              ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L4', 121e12)]
+              ('H200', 989e12), ('A100', 312e12), ('L40S', 362e12), ('L40', 181e12),
+              ('L4', 121e12)]
 
 
 def peak_flops(device_name):

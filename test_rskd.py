@@ -1307,6 +1307,39 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
 
 # ----------------------------------------------------------------------------- mixed precision, compile
 
+def test_gpu_choices_without_a_gpu(monkeypatch, capsys):
+    # the CUDA decisions, with torch.cuda faked: --dtype auto from the compute capability (a V100's
+    # emulated bfloat16 does not count), cuda:N made the current device, more ranks than GPUs refused
+    # before any rank waits, and each GPU's own peak for MFU
+    from model import peak_flops
+    for capability, want in (((7, 0), 'float16'), ((7, 5), 'float16'), ((8, 0), 'bfloat16'), ((9, 0), 'bfloat16')):
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None, c=capability: c)
+        assert guardrails.resolve_dtype('auto', 'cuda:0') == want
+    assert guardrails.resolve_dtype('auto', 'cpu') == 'float32' and guardrails.resolve_dtype('float16', 'cpu') == 'float16'
+    current = []
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', current.append)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: f'fake {device}')
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    env = guardrails.setup(rskd.Config(device='cuda:1', dtype='float32', compile='false'))
+    assert current == ['cuda:1'] and env.name == 'fake cuda:1' and env.type == 'cuda'
+    for name, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('LOCAL_WORLD_SIZE', '3'), ('WORLD_SIZE', '3')):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as e:
+        guardrails.setup(rskd.Config(device='auto'))
+    assert e.value.code == 1
+    assert 'torchrun started 3 processes on this machine, which has 2 GPUs' in capsys.readouterr().err
+    peaks = {'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
+             'NVIDIA H200': 989e12, 'NVIDIA A100-SXM4-80GB': 312e12, 'NVIDIA L40S': 362e12,
+             'NVIDIA L40': 181e12, 'NVIDIA L4': 121e12, 'Tesla V100-SXM2-16GB': None}
+    assert {name: peak_flops(name) for name in peaks} == peaks
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    assert model.estimate_mfu(1e6, 'NVIDIA H100 PCIe', 'float32') is None
+    assert model.estimate_mfu(1e6, 'NVIDIA H100 PCIe', 'bfloat16') == pytest.approx(model.flops_per_token() * 1e6 / 756e12)
+
+
 
 def test_output_layer_is_float32_under_bf16_autocast(teacher):
     # the same hidden states through the output layer: a teacher's logits under bf16 autocast equal the
