@@ -356,7 +356,7 @@ def run_cache(cfg, env, loaded=None):
                 ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
                 device_name=env.name, batch_size=B, torch=torch.__version__,
                 complete=False, seqs_done=0, entries=0)
-    meta.update({name: getattr(cfg, name) for name in FORMATS[cfg.method]['meta']})
+    meta.update(vars(recorded_options(cfg, FORMATS[cfg.method])))  # what its target will see
     meta = resume_cache(cfg.cache_dir, meta, FORMATS, env)  # its saved progress; refuses another
     if meta['complete']:
         return None
