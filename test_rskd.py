@@ -29,6 +29,7 @@ import rskd
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+RSKD_PY = os.path.join(HERE, 'rskd.py')
 V = 97
 TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--block_size', '16', '--batch_size', '4',
         '--eval_iters', '2', '--log_interval', '5', '--device', 'cpu', '--seed', '3', '--commit_seconds', '0']
@@ -52,6 +53,50 @@ def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
     with open(os.path.join(d, 'meta.json'), 'w') as f:
         json.dump(meta, f)
     return str(d)
+
+
+def child_env(**extra):
+    """A subprocess's environment: this one, plus the repository on the import path (children run in
+    the test's own temporary folder, never in the repository)."""
+    path = os.pathsep.join(filter(None, [HERE, os.environ.get('PYTHONPATH')]))
+    return {**os.environ, 'PYTHONPATH': path, **extra}
+
+
+TORCH_FLAGS = [(torch.backends.cuda.matmul, 'allow_tf32'), (torch.backends.cudnn, 'allow_tf32'),
+               (torch.backends.cudnn, 'benchmark'), (torch.backends.cudnn, 'deterministic')]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def session_folder(tmp_path_factory):
+    """The session fixtures (data, teacher, caches) run in a temporary folder too, not the repository."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp('session'))
+    yield
+    os.chdir(old)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path):
+    """Each test runs in its own temporary folder, whatever the user has run in the repository (out/,
+    cache-rs/...), and leaves the process as it found it, even when it fails: the working directory,
+    the environment variables, torch's backend flags (saved by value) and the signal handlers."""
+    cwd, environ = os.getcwd(), dict(os.environ)
+    flags = [(obj, name, getattr(obj, name)) for obj, name in TORCH_FLAGS]
+    precision, threads = torch.get_float32_matmul_precision(), torch.get_num_threads()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    os.chdir(tmp_path)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+        for obj, name, value in flags:
+            setattr(obj, name, value)
+        torch.set_float32_matmul_precision(precision)
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def run(*argv):
@@ -181,7 +226,7 @@ def kill_script(target, n, code, sig=signal.SIGKILL):
 
 
 def run_killed(target, n, code, sig=signal.SIGKILL):
-    p = subprocess.run([sys.executable, '-c', kill_script(target, n, code, sig)], capture_output=True, text=True, cwd=HERE)
+    p = subprocess.run([sys.executable, '-c', kill_script(target, n, code, sig)], capture_output=True, text=True, env=child_env())
     assert p.returncode == -sig, p.stderr
     return p
 
@@ -197,7 +242,7 @@ def test_prepare_data_killed_midway(tmp_path, capsys):
                   f"enc = prepare_data.load_tokenizer()\nclass Dying:\n    eot_token, n_vocab = enc.eot_token, enc.n_vocab\n"
                   f"    def encode_ordinary_batch(self, batch, num_threads):\n        os.kill(os.getpid(), signal.SIGKILL)\n"
                   f"prepare_data.load_tokenizer = Dying\nprepare_data.main(['--input', {str(corpus)!r}, '--out', {out!r}])\n")
-        p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
+        p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=child_env())
         assert p.returncode == -signal.SIGKILL, p.stderr
     out, out2 = str(tmp_path / 'out'), str(tmp_path / 'out2')
     prepare_data.main(['--input', str(corpus), '--out', out])
@@ -410,7 +455,7 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
 def test_ctrl_c_in_cache_mode_is_one_line_and_resumes(tmp_path, data, teacher, caches):
     args = cache_args(data, teacher, str(tmp_path / 'c'))
     p = subprocess.run([sys.executable, '-c', kill_script('rskd.cache_batch', 3, f"rskd.main({args!r})", signal.SIGINT)],
-                       capture_output=True, text=True, cwd=HERE)
+                       capture_output=True, text=True, env=child_env())
     assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
     assert p.stderr.splitlines()[-1] == "error: interrupted: rerun the same command to resume the cache"
     run(*args)
@@ -648,7 +693,7 @@ def test_bench_writes_every_number(tmp_path, data, teacher):
     assert errors['float32 output layer']['kl_float32_to_bf16'] < errors['bfloat16 output layer']['kl_float32_to_bf16']
 
 def test_help_comes_from_the_config_fields():
-    p = subprocess.run([sys.executable, 'rskd.py', '--help'], capture_output=True, text=True, cwd=HERE)
+    p = subprocess.run([sys.executable, RSKD_PY, '--help'], capture_output=True, text=True, env=child_env())
     text = ' '.join(p.stdout.split())  # argparse wraps lines
     assert p.returncode == 0
     for f in dataclasses.fields(rskd.Config):
@@ -725,7 +770,6 @@ def test_a_new_target_goes_in_through_the_table(tmp_path, data, teacher, monkeyp
 def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsys):
     # the script behind RESULTS.md's tables, on fake runs: two seeds of each row, and their caches
     import bench
-    monkeypatch.chdir(tmp_path)
     for cache in {row[3] for row in bench.ROWS if row[3]}:
         shutil.copytree(caches['topk' if cache == 'cache-topk' else 'is' if 'is' in cache else 'rs'], cache)
     os.makedirs('out')
@@ -766,10 +810,10 @@ def test_bench_rounds_sweep(tmp_path, data, teacher):
 # ----------------------------------------------------------------------------- scale out
 
 
-def torchrun(nproc, *argv, script=os.path.join(HERE, 'rskd.py'), ok=True):
+def torchrun(nproc, *argv, script=RSKD_PY, ok=True):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', str(script),
            *[str(a) for a in argv]]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(OMP_NUM_THREADS='1'))
     assert (p.returncode == 0) == ok, p.stdout + p.stderr
     return p
 
@@ -985,8 +1029,8 @@ def test_existing_run_is_not_overwritten(tmp_path, data, caches, capsys):
 
 
 def test_errors_have_no_traceback(tmp_path):
-    p = subprocess.run([sys.executable, 'rskd.py', '--mode', 'train', '--data_dir', str(tmp_path / 'nope')],
-                       capture_output=True, text=True, cwd=HERE)
+    p = subprocess.run([sys.executable, RSKD_PY, '--mode', 'train', '--data_dir', str(tmp_path / 'nope')],
+                       capture_output=True, text=True, env=child_env())
     assert p.returncode == 1 and 'Traceback' not in p.stderr and p.stderr.count('\n') == 1, p.stderr
 
 
@@ -1014,7 +1058,7 @@ def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
     # Ctrl-C while drawing the 6th batch (prefetched during step 4): the step finishes, a checkpoint is
     # saved at iter 5, exit 0
     script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})", signal.SIGINT)
-    p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=HERE)
+    p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=child_env())
     assert p.returncode == 0 and 'interrupted: saved' in p.stdout and '--resume true' in p.stdout, p.stdout + p.stderr
     assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 5
     run(*args, '--resume', 'true')
@@ -1244,12 +1288,12 @@ def test_a_folder_is_locked_while_a_run_writes_it(tmp_path, data, teacher, cache
     slow = (f"import time, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.cache_batch, [0]\n"
             f"def slow(*a, **k):\n    calls[0] += 1\n    if calls[0] == 2:\n        time.sleep(60)\n    return real(*a, **k)\n"
             f"rskd.cache_batch = slow\nrskd.main({[str(a) for a in args]!r})\n")
-    first = subprocess.Popen([sys.executable, '-c', slow], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen([sys.executable, '-c', slow], env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for _ in range(600):
         if os.path.exists(f'{d}/meta.json') and json.load(open(f'{d}/meta.json'))['seqs_done']:
             break
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, 'rskd.py', *map(str, args)], capture_output=True, text=True, cwd=HERE)
+    second = subprocess.run([sys.executable, RSKD_PY, *map(str, args)], capture_output=True, text=True, env=child_env())
     assert second.returncode == 1 and second.stderr.strip() == (
         f"error: {d} is in use by another rskd run (process {first.pid}): wait for it to finish, or use another folder")
     first.kill()
@@ -1286,8 +1330,8 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
                     f"def draw(*a):\n    time.sleep(0.1)\n    return real(*a)\nrskd.draw_seqs = draw\nrskd.main(sys.argv[1:])\n")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(slow),
            *map(str, common), '--out_dir', str(tmp_path / 'int')]
-    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    p = subprocess.Popen(cmd, env=child_env(OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
     metrics = tmp_path / 'int' / 'metrics.jsonl'
     for _ in range(1200):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # past iter 5
@@ -1321,8 +1365,7 @@ def test_gpu_choices_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'set_device', current.append)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: f'fake {device}')
-    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
-    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    # (setup switches TF32 on: the isolated fixture puts the flags back by value)
     env = guardrails.setup(rskd.Config(device='cuda:1', dtype='float32', compile='false'))
     assert current == ['cuda:1'] and env.name == 'fake cuda:1' and env.type == 'cuda'
     for name, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('LOCAL_WORLD_SIZE', '3'), ('WORLD_SIZE', '3')):
