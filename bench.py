@@ -66,7 +66,7 @@ def run_bench(cfg, env):
 
 def fidelity_student(cfg, env, ckpt, V):
     """The student whose gradients are compared: the trained one in OUT_DIR/ckpt.pt, else a new one."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(rskd.stream_seed(cfg.seed, rskd.INIT))
     if ckpt:
         student = GPT(GPTConfig(**ckpt['model_config']))
         student.load_state_dict(ckpt['model'])

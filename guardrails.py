@@ -130,8 +130,8 @@ def check_config(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             die(f"--{f.name} must be a finite number, got {value}")
-    if not 0 <= cfg.seed < 2 ** 40:  # (seed * 1_000_003 + sequence must fit a generator's seed)
-        die(f"--seed must be between 0 and 2**40, got {cfg.seed}")
+    if not 0 <= cfg.seed < 2 ** 64:
+        die(f"--seed must be between 0 and 2**64, got {cfg.seed}")
     folders = ['data_dir'] + (['cache_dir'] if cfg.mode in ('cache', 'verify') else [])
     folders += ['out_dir'] if cfg.mode in ('teacher', 'train', 'bench') else []
     folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in ('rskd', 'topk') else []

@@ -105,9 +105,18 @@ def get_batch(tokens, seqs, T, env):
         xy = xy.pin_memory().to(env.device, non_blocking=True)
     return xy[:, :-1].to(env.device), xy[:, 1:].to(env.device)
 
+# every random stream is keyed by (seed, purpose, index) through numpy's SeedSequence, which hashes the
+# key: no two seeds share a data order or a sampling stream (seed + epoch would make seed 2's first
+# epoch seed 1's second)
+INIT, ORDER, SAMPLING = 0, 1, 2
+
+def stream_seed(seed, purpose, index=0):
+    return int(np.random.SeedSequence([seed, purpose, index]).generate_state(1, np.uint64)[0])
+
 @functools.lru_cache(maxsize=2)
 def epoch_permutation(S, seed, epoch):
-    return torch.randperm(S, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
+    gen = torch.Generator().manual_seed(stream_seed(seed, ORDER, epoch))
+    return torch.randperm(S, generator=gen).numpy()
 
 def draw_seqs(S, seed, start, count):
     # draws start..start+count-1 of an endless stream of epochs, each a fresh permutation of the S
@@ -231,9 +240,9 @@ def ce_loss(logits, targets):
 # exactness and speed: how the targets above are computed (a first reading can skip this section)
 
 def seq_generators(seed, seqs, device):
-    # one random stream per sequence, seeded by (seed, sequence): the cache does not depend on the
-    # batch size, resume points or the number of ranks
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + s) for s in seqs]
+    # one random stream per sequence, seeded by (seed, sequence): the draws do not depend on resume
+    # points or the number of ranks (on CUDA the teacher's kernels may depend on the batch shape)
+    return [torch.Generator(device).manual_seed(stream_seed(seed, SAMPLING, s)) for s in seqs]
 
 def sample_draws(probs, rounds, gens, sampler='multinomial', group_size=16):
     # `rounds` draws with replacement from each row of probs (B, T, V) (unnormalised is fine),
@@ -485,7 +494,7 @@ def run_train(cfg, env, ckpt=None):
     teacher = find_teacher(cfg, loss_name == 'fullkd', cache_meta, V, env)
 
     check_model_size(cfg, V, env)  # before allocating: weights, gradients and moments must fit
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(stream_seed(cfg.seed, INIT))
     shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     model = GPT(GPTConfig(block_size=T, vocab_size=V, **shape)).to(env.device)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)

@@ -257,6 +257,18 @@ def test_prepare_data_killed_midway(tmp_path, capsys):
     assert files_of(out2) == before
 
 
+def test_seeds_never_share_a_data_order_or_a_sampling_stream():
+    # every stream is keyed by (seed, purpose, index): with seed + epoch, seed 2's first epoch was
+    # seed 1's second, and seed * 1_000_003 + sequence let seeds share sampling streams
+    S = 50
+    orders = {(seed, epoch): tuple(rskd.epoch_permutation(S, seed, epoch)) for seed in range(4) for epoch in range(4)}
+    assert all(sorted(order) == list(range(S)) for order in orders.values())  # each epoch: every sequence once
+    assert len(set(orders.values())) == len(orders)  # 16 distinct orders (a collision by chance: ~1e-62)
+    assert rskd.draw_seqs(S, 1, S, S) == list(orders[1, 1])
+    first = [torch.rand(4, generator=g) for g in rskd.seq_generators(1, [0], 'cpu') + rskd.seq_generators(0, [1_000_003], 'cpu')]
+    assert not torch.equal(*first)
+
+
 def test_model_shapes_and_padding():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
@@ -977,8 +989,8 @@ def bad_inputs(tmp, data, teacher, caches):
         'inf alpha': (lambda: [*train, '--alpha', 'inf'], '--alpha must be a finite number, got inf'),
         'nan proposal_temperature': (lambda: [*cache, '--proposal_temperature', 'nan'], '--proposal_temperature must be a finite number'),
         'zero proposal_temperature': (lambda: [*cache, '--proposal_temperature', 0], '--proposal_temperature must be a positive number'),
-        'negative seed': (lambda: [*train, '--seed', -1], '--seed must be between 0 and 2**40'),
-        'huge seed': (lambda: [*train, '--seed', 10 ** 20], '--seed must be between 0 and 2**40'),
+        'negative seed': (lambda: [*train, '--seed', -1], '--seed must be between 0 and 2**64'),
+        'huge seed': (lambda: [*train, '--seed', 10 ** 20], '--seed must be between 0 and 2**64'),
         'model too big': (lambda: [*train, '--cache_dir', caches['rs'], '--n_layer', 200, '--n_embd', 16384], 'needs about'),
         'damaged train.bin': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: set_token(d, 7, fix_checksum=False))], 'does not match the checksum'),
         'data meta without checksums': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', train_crc32=None, val_crc32=None))], "missing fields ['train_crc32', 'val_crc32']"),
