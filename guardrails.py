@@ -77,7 +77,7 @@ def opt(default, help, choices=None):
 def parse_args(config_cls, argv, teacher_defaults, description):
     """The options given on the command line, as a dict; one --option per Config field, with the help
     text and choices that the field carries. Defaults are filled in later, per mode."""
-    p = OneLineParser(description=description)
+    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(config_cls):
         extra = f" [teacher: {teacher_defaults[f.name]}]" if f.name in teacher_defaults else ""
         flag = dict(nargs='?', const=True) if f.type is bool else {}  # --resume = --resume true
@@ -114,18 +114,20 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
     if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
         args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
     cfg = config_cls(**{**base, **args})
-    if cfg.method == 'rs' and cfg.proposal_temperature != 1:  # RS from a tempered proposal: an is cache
-        cfg = replace(cfg, method='is')
-        if mode == 'cache' and os.environ.get('RANK', '0') == '0':
-            print(f"note: --proposal_temperature {cfg.proposal_temperature} draws from q ∝ t^tau and stores "
-                  f"t/q: an importance-sampled (is) cache")
     if cfg.method not in formats:  # the cache methods are FORMATS's entries
         die(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(formats)}) (see --help)")
-    check_config(cfg)
+    if mode == 'cache':  # an option that another method records, given to this one, would do nothing
+        own = formats[cfg.method]['meta']
+        for name in args:
+            others = [m for m, f in formats.items() if name in f['meta'] and name not in own]
+            if others:
+                die(f"--{name} is an option of --method {' or '.join(others)}, not {cfg.method}: drop it, "
+                    f"or pass --method {others[0]}")
+    check_config(cfg, {f['loss'] for f in formats.values()})
     return cfg, ckpt
 
 
-def check_config(cfg):
+def check_config(cfg, cached_losses):
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -134,7 +136,7 @@ def check_config(cfg):
         die(f"--seed must be between 0 and 2**64, got {cfg.seed}")
     folders = ['data_dir'] + (['cache_dir'] if cfg.mode in ('cache', 'verify') else [])
     folders += ['out_dir'] if cfg.mode in ('teacher', 'train', 'bench') else []
-    folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in ('rskd', 'topk') else []
+    folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in cached_losses else []
     for name in folders:
         path = getattr(cfg, name)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -153,10 +155,6 @@ def check_config(cfg):
             die(f"--{name} cannot be negative, got {getattr(cfg, name)}")
     if not (0 < cfg.proposal_temperature < math.inf):
         die(f"--proposal_temperature must be a positive number, got {cfg.proposal_temperature}")
-    if cfg.proposal_temperature != 1 and cfg.method != 'is':
-        die(f"--proposal_temperature applies to --method rs or is, not --method {cfg.method}")
-    if cfg.mode == 'train' and cfg.topk_tail != 'none' and cfg.loss != 'topk':
-        die(f"--topk_tail {cfg.topk_tail} changes only --loss topk, not --loss {cfg.loss}: drop it or use --loss topk")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         die(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device}")
     if cfg.device.startswith('cuda') and 'RANK' not in os.environ:
@@ -174,11 +172,6 @@ def resolve_dtype(dtype, device):
     if not device.startswith('cuda'):
         return 'float32'
     return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
-
-
-def check_cache_options(cfg, V):
-    if cfg.method == 'topk' and cfg.k > V:
-        die(f"--k must be at most the vocabulary size {V}, got {cfg.k}")
 
 
 def setup(cfg):
@@ -427,6 +420,16 @@ def log_eval(metrics_path, record):
     print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown if k in record))
 
 
+def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
+    """The training line: loss, learning rate, this step's time and tok/s, the MFU (on GPUs of a known
+    peak), and the ETA from the mean step time."""
+    tok_s = tokens_per_step / dt
+    mfu = model.estimate_mfu(tok_s / env.world, env.name, env.dtype)
+    mfu = f", mfu {mfu:.1%}" if mfu else ''
+    print(f"iter {it}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s"
+          f"{mfu}, ETA {(cfg.max_iters - it) * step_time:.0f}s", flush=True)
+
+
 def check_val_loss(val_loss, it, ckpt_path):
     if not math.isfinite(val_loss):
         die(f"the val loss is {val_loss} at iter {it}: not saved, {ckpt_path} holds the last good state")
@@ -524,7 +527,9 @@ def find_teacher(cfg, required, cache_meta, vocab_size, env):
     return teacher
 
 # -----------------------------------------------------------------------------
-# the cache on disk: meta.json and the files that rskd.FORMATS describes (sizes from rskd.file_sizes)
+# the cache on disk: meta.json, and the files that an entry of rskd.FORMATS describes. Nothing here
+# knows a method or a format's file: the entry says it all. The layout's own files are seq_offsets
+# (ragged formats: where each sequence's entries start) and checksums (a crc32 per sequence).
 
 
 CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int, num_seqs=int, seed=int,
@@ -535,26 +540,86 @@ CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_siz
 # choice) and the torch version, so a cache resumed with others is exact but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries')
-# value checks of the methods' own meta fields (a field without one needs only the right type)
+# the options' valid values, for a cache's meta.json (an option without one needs only the right type)
 VALID_VALUES = dict(rounds=lambda r: 1 <= r <= 255, sampler=lambda s: s in ('multinomial', 'systematic'),
                     k=lambda k: k >= 1, proposal_temperature=lambda tau: 0 < tau < math.inf)
+FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
+
+# The value checks a FORMATS entry lists for its files. Each takes (values, starts, meta): a batch's
+# values of one file (numpy), the index of each position's first value among them, and the cache's
+# meta.json; True if every value is one rskd writes.
 
 
-# the file names whose values check_rows knows (seq_offsets: checked through the sequence crcs)
-CHECKED_FILES = ('lengths', 'ids', 'counts', 'probs', 'weights', 'seq_offsets')
+def in_vocab(a, starts, meta):
+    """token ids: 0 <= id < vocab_size"""
+    return a.size == 0 or bool(a.min() >= 0 and a.max() < meta['vocab_size'])
 
 
-def file_units(meta, formats):
-    """name -> (numpy dtype, unit) of each file of a cache: its method's files, then checksums.bin,
-    which every cache has: one crc32 per sequence, over that sequence's bytes in all the other files.
-    A fork's file that check_rows does not know is refused here, before any cache is written or read."""
-    unchecked = sorted(set(formats[meta['method']]['files']) - set(CHECKED_FILES))
-    if unchecked:
-        raise RuntimeError(f"{meta['method']}: guardrails.check_rows has no value checks for its file(s) "
-                           f"{unchecked}: add them there, and the names to CHECKED_FILES")
-    files = {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, unit)
-             for name, (dtype, unit) in formats[meta['method']]['files'].items()}
-    return dict(files, checksums=('uint32', 'crc'))
+def at_least_1(a, starts, meta):
+    return bool((a >= 1).all())
+
+
+def positive(a, starts, meta):
+    """finite and > 0"""
+    return bool(np.isfinite(a).all() and (a > 0).all())
+
+
+def probability(a, starts, meta):
+    """finite, in [0, 1]"""
+    return bool(np.isfinite(a).all() and (a >= 0).all() and (a <= 1).all())
+
+
+def ordered(a, starts, bad):
+    """False if bad(next - this) holds for two neighbours within a position"""
+    within = np.ones(len(a), bool)
+    within[starts] = False  # a position's first value follows the previous position's
+    return not bad(np.diff(a.astype(np.float64)))[within[1:]].any()
+
+
+def ascending(a, starts, meta):
+    """strictly ascending within each position"""
+    return ordered(a, starts, lambda step: step <= 0)
+
+
+def descending(a, starts, meta):
+    """not ascending anywhere within a position"""
+    return ordered(a, starts, lambda step: step > 0)
+
+
+def sums_to(option):
+    """each position's values sum to the cache's option (such as rounds)"""
+    def check(a, starts, meta):
+        return a.size == 0 or bool((np.add.reduceat(a.astype(np.int64), starts) == meta[option]).all())
+    check.__name__ = f'sums_to_{option}'
+    return check
+
+
+def check_format(method, formats):
+    """A FORMATS entry holds every piece the pipeline uses, each file has a dtype, a width and value
+    checks: whatever a fork leaves out stops here, named, before a cache is written or read."""
+    fmt = formats[method]
+    where = f"FORMATS['{method}']"
+    missing = [k for k in FORMAT_KEYS if k not in fmt]
+    if missing:
+        raise RuntimeError(f"{where} has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
+    for name, spec in fmt['files'].items():
+        if not isinstance(spec, tuple) or len(spec) != 3:
+            raise RuntimeError(f"{where}: file '{name}' must be (dtype, per, checks)")
+        dtype, per, checks = spec
+        if not checks or not all(callable(c) for c in checks):
+            raise RuntimeError(f"{where}: file '{name}' has no value checks: list what its values must satisfy "
+                               f"(in_vocab, positive, ... in guardrails.py, or a function of your own)")
+        if per not in ('position', 'entry') and per not in fmt['meta']:
+            raise RuntimeError(f"{where}: file '{name}' has per={per!r}: use 'position', 'entry' or an "
+                               f"option of its meta")
+        if name in ('seq_offsets', 'checksums', 'meta'):
+            raise RuntimeError(f"{where}: '{name}' is a file of every cache: give yours another name")
+    ragged = fmt['ragged']
+    if ragged is not None and fmt['files'].get(ragged, (0, 0))[1:2] != ('position',):
+        raise RuntimeError(f"{where}: ragged={ragged!r} must name its file of one count per position")
+    if ragged is None and any(per == 'entry' for _, per, _ in fmt['files'].values()):
+        raise RuntimeError(f"{where} has files per 'entry': name the file that counts them in ragged=")
+    return fmt
 
 
 class RecordedOptions(SimpleNamespace):
@@ -570,17 +635,29 @@ def recorded_options(cfg, fmt):
     return RecordedOptions(**{name: getattr(cfg, name) for name in fmt['meta']})
 
 
+def cache_files(meta, formats):
+    """name -> (numpy dtype, per) of each file of a cache, in checksum order: its format's files, then
+    seq_offsets (ragged formats) and checksums."""
+    fmt = check_format(meta['method'], formats)
+    files = {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, per)
+             for name, (dtype, per, _) in fmt['files'].items()}
+    if fmt['ragged']:
+        files['seq_offsets'] = ('uint64', 'sequence')
+    files['checksums'] = ('uint32', 'crc')
+    return files
+
+
+def width(meta, per):
+    """Values per position of a fixed-width file: 1, or the option that per names (k)."""
+    return 1 if per == 'position' else meta[per]
+
+
 def file_sizes(meta, formats):
     """Each file's numpy dtype and number of elements once meta['seqs_done'] sequences are written."""
-    P = meta['seqs_done'] * meta['block_size']
-    count = {'position': P, 'k per position': P * meta.get('k', 0), 'entry': meta['entries'],
-             'sequence': meta['seqs_done'] + 1, 'crc': meta['seqs_done']}
-    return {name: (dtype, count[unit]) for name, (dtype, unit) in file_units(meta, formats).items()}
-
-
-def per_sequence(meta, unit):
-    """Elements per sequence of a fixed-width file."""
-    return meta['block_size'] * (meta['k'] if unit == 'k per position' else 1)
+    P, S = meta['seqs_done'] * meta['block_size'], meta['seqs_done']
+    count = dict(entry=meta['entries'], sequence=S + 1, crc=S)
+    return {name: (dtype, count[per] if per in count else P * width(meta, per))
+            for name, (dtype, per) in cache_files(meta, formats).items()}
 
 
 def sequence_crcs(arrays, units, meta, seqs, base):
@@ -589,55 +666,39 @@ def sequence_crcs(arrays, units, meta, seqs, base):
     gives where each sequence's entries start. The writer and the reader both use this."""
     crcs = []
     offsets, first = arrays.get('seq_offsets'), base.get('seq_offsets', 0)
+    T = meta['block_size']
     for s in seqs:
         crc = 0
-        for name, (_, unit) in units.items():
-            if unit == 'entry':
+        for name, (_, per) in units.items():
+            if per == 'entry':
                 lo, hi = int(offsets[s - first]), int(offsets[s + 1 - first])
-                if not 0 <= hi - lo <= meta['block_size'] * 255:  # damaged offsets: read nothing
+                if not 0 <= hi - lo <= T * 255:  # damaged offsets: read nothing
                     crc = -1
                     break
-            elif unit == 'sequence':  # the sequence's own start and end
+            elif per == 'sequence':  # the sequence's own start and end
                 lo, hi = s, s + 2
-            elif unit == 'crc':
+            elif per == 'crc':
                 continue
             else:
-                lo, hi = s * per_sequence(meta, unit), (s + 1) * per_sequence(meta, unit)
+                n = T * width(meta, per)
+                lo, hi = s * n, (s + 1) * n
             crc = zlib.crc32(np.ascontiguousarray(arrays[name][lo - base[name]:hi - base[name]]), crc)
         crcs.append(crc)
     return crcs
 
 
-def check_rows(meta, rows):
-    """The values the format guarantees, on one batch's rows (name -> numpy array; ragged methods'
-    'lengths' per position): True if they hold. ids below V; in ragged methods at least one id per
-    position, ascending, counts positive and summing to the rounds; Top-K probabilities finite, in
-    [0, 1] and descending; importance weights finite and positive."""
-    ids = rows['ids'].astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= meta['vocab_size']):
-        return False
-    if 'lengths' in rows:
-        lengths = rows['lengths'].astype(np.int64)
-        if (lengths < 1).any() or lengths.sum() != len(ids):
-            return False
-        starts = np.cumsum(lengths) - lengths  # each position's first entry
-        new_position = np.zeros(len(ids), bool)
-        new_position[starts] = True
-        if (np.diff(ids) <= 0)[~new_position[1:]].any():
-            return False
-    if 'counts' in rows:
-        counts = rows['counts'].astype(np.int64)
-        if (counts < 1).any() or (np.add.reduceat(counts, starts) != meta['rounds']).any():
-            return False
-    if 'probs' in rows:
-        probs = rows['probs'].astype(np.float32).reshape(-1, meta.get('k', 1))  # (positions, K)
-        if not np.isfinite(probs).all() or (probs < 0).any() or (probs > 1).any():
-            return False
-        if (np.diff(probs, axis=1) > 0).any():
-            return False
-    if 'weights' in rows:
-        weights = rows['weights']
-        if not np.isfinite(weights).all() or (weights <= 0).any():
+def check_values(meta, fmt, rows):
+    """The format's value checks on a batch's rows (name -> numpy array): True if every one holds."""
+    for name, (_, per, checks) in fmt['files'].items():
+        values = rows[name]
+        if per == 'entry':  # ragged: each position's count of entries is in fmt['ragged']
+            counts = rows[fmt['ragged']].astype(np.int64)
+            if counts.sum() != len(values):
+                return False
+            starts = np.cumsum(counts) - counts
+        else:
+            starts = np.arange(0, len(values), width(meta, per))
+        if not all(check(values, starts, meta) for check in checks):
             return False
     return True
 
@@ -676,17 +737,20 @@ def read_cache_meta(cache_dir, formats):
             die(f"{path} is not valid JSON: delete {cache_dir} and rerun --mode cache")
     if method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: delete {cache_dir} and rerun --mode cache")
-    meta = read_json(path, {**CACHE_META, **formats[method]['meta']}, "rerun --mode cache")
+    fmt = check_format(method, formats)
+    meta = read_json(path, {**CACHE_META, **fmt['meta']}, "rerun --mode cache")
     if meta['version'] == 1:
         die(f"{cache_dir} was made by an older rskd, before caches had checksums: make it again with --mode cache")
     valid = (meta['format'] == 'rskd-cache' and meta['version'] == 2 and meta['ids_dtype'] in ('uint16', 'int32')
              and 0 <= meta['seqs_done'] <= meta['num_seqs'])
     valid = valid and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
-    positions = meta['seqs_done'] * meta['block_size']  # each holds 1..255 entries (K in Top-K)
-    valid = valid and positions <= meta['entries'] <= positions * max(255, meta.get('k', 0))
-    for k in formats[method]['meta']:
+    for k in fmt['meta']:
         if k in VALID_VALUES and not VALID_VALUES[k](meta[k]):
             valid = False
+    if valid:  # each position holds 1..255 entries, or a fixed number
+        widest = max([255] + [width(meta, per) for _, per, _ in fmt['files'].values() if per != 'entry'])
+        positions = meta['seqs_done'] * meta['block_size']
+        valid = positions <= meta['entries'] <= positions * widest
     if not valid:
         die(f"{path} holds values that rskd never writes: delete {cache_dir} and make the cache again")
     return meta
@@ -707,32 +771,54 @@ def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
     return mm
 
 
-def check_batch(mm, units, meta, seqs, rows, cache_dir):
-    """A batch's rows against their checksums and the format's values, before any step uses them."""
-    crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
-    bad = [s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]]
-    if not bad and not check_rows(meta, rows):
-        bad = [s for s in seqs if not check_rows(meta, read_rows(mm, units, meta, [s]))]
-    if bad:
-        die(damaged(cache_dir, sorted(set(bad))))
-
-
 def read_rows(mm, units, meta, seqs):
     """The stored elements of sequences seqs, file by file (no offsets, no checksums)."""
-    rows = {}
-    for name, (_, unit) in units.items():
-        if unit == 'entry':  # ragged: sequence s's entries lie between seq_offsets[s] and [s+1]
+    rows, T = {}, meta['block_size']
+    for name, (_, per) in units.items():
+        if per == 'entry':  # ragged: sequence s's entries lie between seq_offsets[s] and [s+1]
             spans = [(int(mm['seq_offsets'][s]), int(mm['seq_offsets'][s + 1])) for s in seqs]
-        elif unit in ('sequence', 'crc'):
+            if any(not 0 <= a <= b <= min(len(mm[name]), a + T * 255) for a, b in spans):
+                spans = [(0, 0)] * len(spans)  # damaged offsets: the checksums report them
+        elif per in ('sequence', 'crc'):
             continue
         else:  # fixed width: the file's size (checked) bounds these
-            n = per_sequence(meta, unit)
+            n = T * width(meta, per)
             spans = [(s * n, (s + 1) * n) for s in seqs]
-        if unit == 'entry' and any(not 0 <= a <= b <= min(len(mm[name]), a + meta['block_size'] * 255)
-                                   for a, b in spans):
-            spans = [(0, 0)] * len(spans)  # damaged offsets: check_batch reports them
         rows[name] = np.concatenate([mm[name][a:b] for a, b in spans])
     return rows
+
+
+def bad_sequences(mm, units, meta, fmt, seqs, rows):
+    """The sequences of seqs whose bytes fail their checksum or whose values fail the format's checks."""
+    crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
+    bad = {s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]}
+    if not bad and not check_values(meta, fmt, rows):  # find which, one by one
+        bad = {s for s in seqs if not check_values(meta, fmt, read_rows(mm, units, meta, [s]))}
+    elif bad:
+        whole = [s for s in seqs if s not in bad]
+        if whole and not check_values(meta, fmt, read_rows(mm, units, meta, whole)):
+            bad |= {s for s in whole if not check_values(meta, fmt, read_rows(mm, units, meta, [s]))}
+    return sorted(bad)
+
+
+def cache_reader(cfg, loss, V, data, formats, checked=True):
+    """(meta, read) for a training run: read(seqs) gives the batch's stored values, name -> tensor (ids
+    as int64), from the memory-mapped files; checked against their checksums and the format's values
+    before any step uses them (damage stops the run with one line)."""
+    meta = read_cache_meta(cfg.cache_dir, formats)
+    check_cache_for_run(meta, cfg, loss, V, data, formats)  # complete, for this loss, T and data
+    mm = cache_memmaps(cfg.cache_dir, meta, formats)  # each file's size checked against meta.json
+    fmt, units = formats[meta['method']], cache_files(meta, formats)
+    ids = [name for name, (dtype, _, _) in fmt['files'].items() if dtype == 'ids']
+
+    def read(seqs):
+        rows = read_rows(mm, units, meta, seqs)
+        if checked:
+            bad = bad_sequences(mm, units, meta, fmt, seqs, rows)
+            if bad:
+                die(damaged(cfg.cache_dir, bad))
+        return {name: torch.from_numpy(a.astype(np.int64) if name in ids else a) for name, a in rows.items()}
+    return meta, read
 
 
 def verify_cache(cfg, env, formats):
@@ -741,7 +827,8 @@ def verify_cache(cfg, env, formats):
     every damaged range; exits 1 if there is one."""
     meta = read_cache_meta(cfg.cache_dir, formats)
     mm = cache_memmaps(cfg.cache_dir, meta, formats, tail_ok=not meta['complete'])
-    units, S, T = file_units(meta, formats), meta['seqs_done'], meta['block_size']
+    units, S, T = cache_files(meta, formats), meta['seqs_done'], meta['block_size']
+    fmt = formats[meta['method']]
     if not meta['complete']:
         print(f"note: {cfg.cache_dir} is incomplete: its {S:,} committed sequences are verified, and "
               f"--mode cache resumes it")
@@ -761,12 +848,7 @@ def verify_cache(cfg, env, formats):
     progress = progress_printer('verify', 'positions', 0, S * T)
     for lo in range(0, S, 1024):
         seqs = list(range(lo, min(lo + 1024, S)))
-        crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
-        wrong = {s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]}
-        whole = [s for s in seqs if s not in wrong]
-        if whole and not check_rows(meta, read_rows(mm, units, meta, whole)):
-            wrong |= {s for s in whole if not check_rows(meta, read_rows(mm, units, meta, [s]))}
-        bad += sorted(wrong)
+        bad += bad_sequences(mm, units, meta, fmt, seqs, read_rows(mm, units, meta, seqs))
         progress(seqs[-1] * T + T)
     size = sum(os.path.getsize(os.path.join(cfg.cache_dir, f'{name}.bin')) for name in units)
     dt = max(time.time() - t0, 1e-9)
@@ -800,12 +882,62 @@ def resume_cache(cache_dir, meta, formats, env):
     return old
 
 
+def write_cache(cfg, env, formats, S, V, teacher, data):
+    """--mode cache's writer. A new cache gets its meta.json (what it holds, what made it, how far it
+    got) and empty files; an interrupted one is cut back to its last commit and resumed. Returns None
+    when the cache is complete already, else a CacheWriter."""
+    fmt = check_format(cfg.method, formats)
+    for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
+        if getattr(cfg, per) > V:  # (--k: no more ids per position than the vocabulary has)
+            die(f"--{per} must be at most the vocabulary size {V}, got {getattr(cfg, per)}")
+    meta = dict(format='rskd-cache', version=2, method=cfg.method, vocab_size=V, block_size=cfg.block_size,
+                num_seqs=S, seed=cfg.seed, split=cfg.split, teacher=teacher, data=data,
+                ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
+                device_name=env.name, batch_size=cfg.batch_size, torch=torch.__version__,
+                complete=False, seqs_done=0, entries=0)
+    meta.update(vars(recorded_options(cfg, fmt)))  # the options its target sees
+    meta = resume_cache(cfg.cache_dir, meta, formats, env)  # its saved progress; refuses another cache
+    return None if meta['complete'] else CacheWriter(cfg, env, meta, formats)
+
+
+class CacheWriter:
+    """Appends each batch's parts and commits them: the data and checksums made durable, then
+    meta.json, which never runs ahead of the data. .start is the first sequence still to do."""
+
+    def __init__(self, cfg, env, meta, formats):
+        self.cfg, self.env, self.meta, self.fmt = cfg, env, meta, formats[meta['method']]
+        self.units = cache_files(meta, formats)
+        self.handles = open_cache_files(cfg.cache_dir, meta, formats, env)  # rank 0's; cut to last commit
+        self.pending, self.start = [], meta['seqs_done']
+        self.t0 = self.committed = time.time()
+        T = meta['block_size']
+        self.progress = progress_printer('cache', 'positions', self.start * T, meta['num_seqs'] * T)
+
+    def add(self, part, done):
+        """part: this rank's target dict (None if the round left it no sequence); done: the sequences
+        finished once every rank's part of this round is in."""
+        if part is not None:
+            if set(part) != set(self.fmt['files']):  # a fork's target and its table disagree
+                raise RuntimeError(f"{self.meta['method']}: its target function must return exactly its files "
+                                   f"{sorted(self.fmt['files'])}, not {sorted(part)}")
+            part = {name: t.cpu().numpy().reshape(-1).astype(self.units[name][0]) for name, t in part.items()}
+        self.pending += gather_on_master(part, self.env)  # rank 0 gets all, in rank order = sequence order
+        due = done == self.meta['num_seqs'] or time.time() - self.committed >= self.cfg.commit_seconds
+        if self.env.master and due:
+            commit_chunk(self.handles, self.pending, self.meta, done, self.cfg.cache_dir, self.fmt)
+            self.pending, self.committed = [], time.time()
+            self.progress(self.meta['seqs_done'] * self.meta['block_size'])
+
+    def finish(self):
+        return finish_cache(self.handles, self.meta, self.cfg.cache_dir, self.start, self.t0, self.env)
+
+
 def open_cache_files(cache_dir, meta, formats, env):
-    """Rank 0's append handles, name -> (file, dtype). A new cache's files hold what file_sizes gives
-    for no sequences: nothing, or seq_offsets' leading 0. On resume the files are cut back to what
+    """Rank 0's append handles, name -> (file, dtype, per). A new cache's files hold what file_sizes
+    gives for no sequences: nothing, or seq_offsets' leading 0. On resume the files are cut back to what
     meta.json has committed, and a chunk written after the last commit is redone."""
     sizes = file_sizes(meta, formats)
-    units = file_units(meta, formats)
+    units = cache_files(meta, formats)
     files = {name: (os.path.join(cache_dir, f'{name}.bin'), dt, n) for name, (dt, n) in sizes.items()}
     meta_path = os.path.join(cache_dir, 'meta.json')
     if env.master:
@@ -831,31 +963,33 @@ def open_cache_files(cache_dir, meta, formats, env):
     return {name: (open(path, 'ab', buffering=0), dt, units[name][1]) for name, (path, dt, n) in files.items()}
 
 
-def commit_chunk(handles, parts, meta, seqs_done, cache_dir):
+def commit_chunk(handles, parts, meta, seqs_done, cache_dir, fmt):
     """Append the parts (one per rank, in sequence order; None for a rank without sequences) to their
     files, each sequence's crc32 to checksums.bin, make them all durable, then record seqs_done in
     meta.json: meta.json never runs ahead of the data."""
-    units = {name: (dt, unit) for name, (_, dt, unit) in handles.items()}
-    fixed = next(name for name, (_, unit) in units.items() if unit in ('position', 'k per position'))
+    units = {name: (dt, per) for name, (_, dt, per) in handles.items()}
+    T, ragged = meta['block_size'], fmt['ragged']
+    # entries: the values of the first ragged file (or of the first file) per sequence
+    counted = next((n for n, (_, per) in units.items() if per == 'entry'), next(iter(units)))
     arrays = {name: [] for name in handles}
     first = meta['seqs_done']
     for part in filter(None, parts):
-        part = {name: a.astype(units[name][0]) for name, a in part.items()}
-        n = len(part[fixed]) // per_sequence(meta, units[fixed][1])  # sequences in this part
-        base = {name: first * per_sequence(meta, unit) for name, (_, unit) in units.items()
-                if unit in ('position', 'k per position')}
-        base.update({name: meta['entries'] for name, (_, unit) in units.items() if unit == 'entry'})
-        if 'seq_offsets' in units:  # a ragged format: each sequence's start, then where each one ends
-            per_seq = part['lengths'].reshape(n, -1).sum(1, dtype=np.uint64)
+        one_per_position = next(n for n, (_, per) in units.items() if per not in ('entry', 'sequence', 'crc'))
+        n = len(part[one_per_position]) // (T * width(meta, units[one_per_position][1]))  # sequences in it
+        base = {name: first * T * width(meta, per) for name, (_, per) in units.items()
+                if per not in ('entry', 'sequence', 'crc')}
+        base.update({name: meta['entries'] for name, (_, per) in units.items() if per == 'entry'})
+        if ragged:  # each sequence's start, then where each one ends
+            per_seq = part[ragged].reshape(n, -1).sum(1, dtype=np.uint64)
             part['seq_offsets'] = meta['entries'] + np.concatenate([[0], np.cumsum(per_seq)]).astype(np.uint64)
             base['seq_offsets'] = first
         crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
         part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
-        if 'seq_offsets' in units:
+        if ragged:
             part['seq_offsets'] = part['seq_offsets'][1:]  # the file holds the leading 0 already
         for name in handles:
             arrays[name].append(part[name])
-        meta['entries'] += len(part['ids'])
+        meta['entries'] += len(part[counted])
         first += n
     try:
         for name, (f, dt, _) in handles.items():
@@ -886,7 +1020,8 @@ def finish_cache(handles, meta, cache_dir, start, t0, env):
         f.close()
     P = meta['num_seqs'] * meta['block_size']
     size = sum(os.path.getsize(os.path.join(cache_dir, f'{name}.bin')) for name in handles)
-    unique = f"{meta['entries'] / P:.2f} unique tokens/position, " if 'lengths' in handles else ""
+    ragged = any(per == 'entry' for _, _, per in handles.values())
+    unique = f"{meta['entries'] / P:.2f} unique tokens/position, " if ragged else ""
     print(f"cache complete: {cache_dir}, {P:,} positions, {unique}{size / P:.2f} bytes/position, "
           f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")
     return tok_s
@@ -907,6 +1042,69 @@ def check_cache_for_run(meta, cfg, loss, V, data, formats):
     if (meta['data']['n_tokens'], meta['data']['sha256']) != (data['n_tokens'], data['sha256']):
         die(f"{cfg.cache_dir} was made from other training data ({meta['data']['n_tokens']:,} tokens of "
             f"{meta['data']['path']}, this run uses {data['n_tokens']:,}; check --data_dir and --max_seqs): {fix}")
+
+
+# -----------------------------------------------------------------------------
+# exact and fast sampling: the kernels behind rskd.py's sparse targets. Tokens are grouped in G groups
+# of ~16, token j in group j % G, so that a (V // G, G) view reduces every group in one pass.
+
+
+def invert_cdf(p, points, group_size=16):
+    """The token at each point: p (rows, V), unnormalised probabilities; points (rows, N) in (0, 1].
+    Point u picks the token i whose interval (cdf[i-1], cdf[i]] holds u * sum(p): token i with
+    probability p_i / sum(p). The CDF has two levels, accumulated in float64: the group that holds the
+    point, then the token in it. A flat float32 CDF would lose probabilities below ~1e-8, and rounding
+    could land a point on a token of probability 0: here it never does."""
+    V = p.shape[-1]
+    mass = group_reduce(p, 'sum', group_size)  # (rows, G)
+    cdf = mass.cumsum(-1, dtype=torch.float64)
+    points = points * cdf[:, -1:]  # (rows, N)
+    group = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # the first cdf >= point
+    cols = group_members(group, V, group_size)  # (rows, N, members)
+    vals = p.gather(-1, cols.clamp(max=V - 1).flatten(1)).view(cols.shape).double()
+    inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the group's own CDF
+    # where the point lies in its group: cdf[group] is the group's END, so (point - end) / mass is in
+    # (-1, 0], and + 1 makes it the share of the group's mass below the point; rescaled to the inner
+    # CDF and kept in (0, total], so that it never lands on a zero-probability token
+    offset = (points - cdf.gather(-1, group)) / mass.gather(-1, group) + 1
+    offset = (offset * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny)
+    offset = torch.minimum(offset, inner[..., -1])
+    member = torch.searchsorted(inner, offset.unsqueeze(-1))  # (rows, N, 1)
+    return cols.gather(-1, member).squeeze(-1)
+
+
+def group_reduce(probs, op, group_size=16):
+    """(..., V) -> (..., G): the 'sum' or 'max' of each group. One pass over a (V // G, G) view, then
+    the last V % G tokens join the first groups."""
+    reduce, combine = (torch.sum, torch.add) if op == 'sum' else (torch.amax, torch.maximum)
+    V = probs.shape[-1]
+    n_groups = -(-V // group_size)
+    full = V // n_groups * n_groups  # the tokens of the (V // G, G) view
+    out = reduce(probs[..., :full].unflatten(-1, (-1, n_groups)), -2)
+    out[..., :V - full] = combine(out[..., :V - full], probs[..., full:])
+    return out
+
+
+def group_members(groups, V, group_size=16):
+    """Group numbers (...) -> the ids of their tokens (..., V // G + 1); an id >= V is none."""
+    n_groups = -(-V // group_size)
+    return groups.unsqueeze(-1) + n_groups * torch.arange(V // n_groups + 1, device=groups.device)
+
+
+def top_k(probs, k, group_size=16):
+    """torch.topk(probs, k) as (values, ids), exact, and a few times faster on CPU for k << V: the k
+    largest values lie in the k groups with the largest maxima (a token outside them is beaten by each
+    of those k maxima), so only their members are sorted. (Equal values may come out reordered.)"""
+    V = probs.shape[-1]
+    if k * group_size > V // 4:  # few groups: the candidates would cost more than a plain topk
+        top = probs.topk(k, dim=-1)
+        return top.values, top.indices
+    groups = group_reduce(probs, 'max', group_size).topk(k, dim=-1).indices  # (..., k)
+    cols = group_members(groups, V, group_size).flatten(-2)
+    vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, float('-inf'))
+    top = vals.topk(k, dim=-1)
+    return top.values, cols.gather(-1, top.indices)
+
 
 # -----------------------------------------------------------------------------
 # progress, stopping and user errors
