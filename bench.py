@@ -2,13 +2,15 @@
 The bench: step time, memory, cache throughput and gradient fidelity, side by side in one process,
 and the tables of RESULTS.md.
 
-  python bench.py [rskd.py options]   # the same as python rskd.py --mode bench; writes OUT_DIR/bench.json
+  python bench.py [rskd.py options]   # writes OUT_DIR/bench.json
   python bench.py rounds [options]    # distinct ids per position for N = 1..255, fidelity at a few N
   python bench.py tables              # RESULTS.md's tables, from the runs' metrics.jsonl (in this folder)
 
-Every method is timed on the same batch, interleaved and rotated (A B C D E, B C D E A, ...), so slow
-drift of the machine cancels out of the ratios. Each caching run comes right after a bare teacher
-forward over the same batches, and the ratio is taken pair by pair.
+Every entry of rskd.FORMATS is benched: its caching speed, its reading cost, its training step and
+its gradient against full KD's, so that a new format is measured with no edit here. Every method is
+timed on the same batch, interleaved and rotated (A B C D E, B C D E A, ...), so slow drift of the
+machine cancels out of the ratios. Each caching run comes right after a bare teacher forward over the
+same batches, and the ratio is taken pair by pair.
 """
 import copy
 import glob
@@ -26,12 +28,17 @@ import numpy as np
 import torch
 
 import rskd
-from guardrails import (die, load_checkpoint, load_teacher, parse_args, resolve_config, setup,
-                        user_errors, write_json)
+from guardrails import (die, folder_lock, load_checkpoint, load_teacher, parse_args, recorded_options,
+                        resolve_config, setup, user_errors, write_json)
 from model import GPT, GPTConfig
 
-STEP_METHODS = ['ce', 'rskd', 'topk', 'ghost', 'smooth', 'naive', 'fullkd']
 TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass
+
+
+def step_methods():
+    """What bench_steps times: cross-entropy, every cache format (with the loss it trains), Top-K's
+    remedies on the topk cache, and full KD."""
+    return ['ce', *rskd.FORMATS, *(TAILS if 'topk' in rskd.FORMATS else ()), 'fullkd']
 
 
 def run_bench(cfg, env):
@@ -77,7 +84,8 @@ def fidelity_student(cfg, env, ckpt, V):
 
 
 def bench_caching(cfg, env, loaded, tokens, n):
-    """--mode cache against the bare teacher forward over the same n sequences, 5 pairs per method."""
+    """--mode cache for every format against the bare teacher forward over the same n sequences, 5
+    pairs per format."""
     T, B = cfg.block_size, cfg.batch_size
     teacher = torch.compile(loaded[0]) if env.compile else loaded[0]  # as --mode cache runs it
     batches = [rskd.get_batch(tokens, range(i, min(i + B, n)), T, env)[0] for i in range(0, n, B)]
@@ -92,8 +100,8 @@ def bench_caching(cfg, env, loaded, tokens, n):
             torch.cuda.synchronize()
         return n * T / (time.time() - t0)
     bare_forward()  # warm-up
-    dirs = {m: os.path.join(cfg.out_dir, f'bench-cache-{m}') for m in ('rs', 'topk')}
-    runs = dict(fwd=[], rs=[], topk=[])  # tok/s of every run
+    dirs = {m: os.path.join(cfg.out_dir, f'bench-cache-{m}') for m in rskd.FORMATS}
+    runs = dict(fwd=[], **{m: [] for m in dirs})  # tok/s of every run
     for _ in range(5):  # each cache run right after a bare forward: the pair's ratio cancels drift
         for method, d in dirs.items():
             runs['fwd'].append(bare_forward())
@@ -101,10 +109,23 @@ def bench_caching(cfg, env, loaded, tokens, n):
             run_cfg = replace(cfg, method=method, cache_dir=d, max_seqs=n, split='train', commit_seconds=5.0)
             runs[method].append(rskd.run_cache(run_cfg, env, loaded))
     speed = {k: float(np.median(v)) for k, v in runs.items()}
-    ratio = {m: float(np.median(np.divide(runs[m], runs['fwd'][i::2]))) for i, m in enumerate(dirs)}
-    result = dict(teacher_fwd_tok_s=speed['fwd'], cache_tok_s=dict(rs=speed['rs'], topk=speed['topk']),
+    ratio = {m: float(np.median(np.divide(runs[m], runs['fwd'][i::len(dirs)]))) for i, m in enumerate(dirs)}
+    result = dict(teacher_fwd_tok_s=speed['fwd'], cache_tok_s={m: speed[m] for m in dirs},
                   cache_ratio_vs_fwd=ratio, cache_runs_tok_s=runs)
     return dict(dirs=dirs, result=result)
+
+
+def sparse_targets(method, probs, cfg, seqs, env):
+    """(ids, w, unique ids per position) of a format's target on probs, as training reads them back."""
+    fmt = rskd.FORMATS[method]
+    B, T = probs.shape[:2]
+    gens = rskd.seq_generators(cfg.seed, seqs, env.device)
+    options = recorded_options(cfg, fmt)
+    stored = fmt['target'](probs, options, gens)
+    ids, w = fmt['weights'](stored, vars(options))
+    if fmt['ragged']:
+        ids, w = rskd.pad_rows(stored[fmt['ragged']], ids, w)
+    return ids.view(B, T, -1), w.view(B, T, -1), len(stored['ids']) / (B * T) if fmt['ragged'] else ids.shape[-1]
 
 
 def bench_fidelity(cfg, env, teacher, student, idx, seqs, labels, sweep=()):
@@ -125,38 +146,35 @@ def bench_fidelity(cfg, env, teacher, student, idx, seqs, labels, sweep=()):
         g_params = torch.autograd.grad(s_logits, params, g_logits, retain_graph=True)
         return g_logits.flatten(), torch.cat([g.flatten() for g in g_params])
 
-    def rs(rounds, sampler, tau=1.0):  # -> (ids, weights, unique tokens per position)
-        gens = rskd.seq_generators(cfg.seed, seqs, env.device)
+    def rs(rounds, sampler, method='rs', tau=1.0):  # -> (ids, weights, unique tokens per position)
         run_cfg = replace(cfg, rounds=rounds, sampler=sampler, proposal_temperature=tau)
-        target = rskd.FORMATS['rs' if tau == 1 else 'is']['target'](probs, run_cfg, gens)
-        w = target['counts'] / rounds * target.get('weights', 1)
-        ids, w = rskd.pad_rows(target['lengths'], target['ids'], w)
-        return ids.view(B, T, -1), w.view(B, T, -1), len(target['counts']) / (B * T)
-    unique = dict(rskd=rs(cfg.rounds, 'multinomial')[2])
+        return sparse_targets(method, probs, run_cfg, seqs, env)
+    # every format at the run's options, then the variants the paper and RESULTS.md discuss
+    sparse = {m: sparse_targets(m, probs, cfg, seqs, env) for m in rskd.FORMATS}
+    base = sparse['rs'][2] if 'rs' in sparse else cfg.rounds
     # the systematic rounds with multinomial's storage (unique ids grow with rounds): a bisection
     lo, hi = 1, cfg.rounds
     while lo < hi:
         mid = (lo + hi) // 2
-        if rs(mid, 'systematic')[2] < unique['rskd']:
+        if rs(mid, 'systematic')[2] < base:
             lo = mid + 1
         else:
             hi = mid
     candidates = [r for r in (lo - 1, lo) if r >= 1]
-    r_eq = min(candidates, key=lambda r: abs(rs(r, 'systematic')[2] - unique['rskd']))
-    sparse = {'rskd': rs(cfg.rounds, 'multinomial'), f'systematic{cfg.rounds}': rs(cfg.rounds, 'systematic'),
-              f'systematic{r_eq}': rs(r_eq, 'systematic'), 'is0.8': rs(cfg.rounds, 'multinomial', 0.8),
-              'is1.2': rs(cfg.rounds, 'multinomial', 1.2)}
+    r_eq = min(candidates, key=lambda r: abs(rs(r, 'systematic')[2] - base))
+    sparse.update({f'systematic{cfg.rounds}': rs(cfg.rounds, 'systematic'), f'systematic{r_eq}': rs(r_eq, 'systematic'),
+                   'is0.8': rs(cfg.rounds, 'multinomial', 'is', 0.8), 'is1.2': rs(cfg.rounds, 'multinomial', 'is', 1.2)})
     for N in sweep:
         sparse.update({f'multinomial{N}': rs(N, 'multinomial'), f'systematic{N}': rs(N, 'systematic')})
-    unique.update({k: v[2] for k, v in sparse.items()})
-    variants = {k: rskd.sparse_kd_loss(s_logits, *v[:2]) for k, v in sparse.items()}
-    for k in (12, 50):
-        top = probs.topk(k, dim=-1)
-        variants[f'topk{k}'] = rskd.sparse_kd_loss(s_logits, top.indices, top.values)
-        if k == 12:  # the paper's three remedies for Top-K's leftover mass
-            variants['ghost12'] = rskd.ghost_kd_loss(s_logits, top.indices, top.values)
-            variants['smooth12'] = rskd.smooth_kd_loss(s_logits, top.indices, top.values)
-            variants['naive12'] = rskd.naive_kd_loss(s_logits, top.indices, top.values, labels)
+    unique = {k: v[2] for k, v in sparse.items()}
+    variants = {k: rskd.OBJECTIVES[rskd.FORMATS[k]['loss'] if k in rskd.FORMATS else 'rskd'](
+        s_logits, dict(ids=v[0], w=v[1], targets=labels)) for k, v in sparse.items()}
+    top = probs.topk(50, dim=-1)
+    variants['topk50'] = rskd.sparse_kd_loss(s_logits, top.indices, top.values)
+    top = probs.topk(cfg.k, dim=-1)  # the paper's three remedies for Top-K's leftover mass
+    batch = dict(ids=top.indices, w=top.values, targets=labels)
+    for tail in TAILS:
+        variants[tail] = rskd.OBJECTIVES[tail](s_logits, batch)
     full = grads(rskd.full_kd_loss(s_logits, t_logits))
     fidelity = {}
     for name, loss in variants.items():
@@ -192,33 +210,42 @@ def bench_precision(teacher, idx, env):
 
 
 def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs):
-    """One training step per method on the same batch, the methods interleaved and rotated."""
+    """One training step per method on the same batch, the methods interleaved and rotated: CE, each
+    cache format with the loss it trains, Top-K's remedies and full KD."""
     B, T = idx.shape
     model = torch.compile(student) if env.compile else student
     teacher_c = torch.compile(teacher) if env.compile else teacher
     optimizer = student.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     vanilla = replace(cfg, topk_tail='none', alpha=0.0, max_seqs=n)
     V = student.config.vocab_size
-    readers = {}
-    for loss, method in (('rskd', 'rs'), ('topk', 'topk')):
+
+    def reader(method, checked=True):
         run_cfg = replace(vanilla, cache_dir=dirs[method])
-        readers[loss] = rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env)[1]
-    losses = {k: rskd.make_loss(k, vanilla, env, teacher_c) for k in STEP_METHODS if k not in TAILS}
-    for tail in TAILS:
-        readers[tail] = readers['topk']
-        losses[tail] = rskd.make_loss('topk', replace(vanilla, topk_tail=tail), env, teacher_c)
-    times, mem = {k: [] for k in STEP_METHODS}, {k: 0 for k in STEP_METHODS}
-    for rep in range(2 + 2 * len(STEP_METHODS)):  # every rotation is timed twice, after 2 warm-ups
-        for name in STEP_METHODS[rep % len(STEP_METHODS):] + STEP_METHODS[:rep % len(STEP_METHODS)]:
+        loss = rskd.FORMATS[method]['loss']
+        return rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env, checked)[1]
+    readers = {m: reader(m) for m in rskd.FORMATS}
+    objectives = {m: rskd.FORMATS[m]['loss'] for m in rskd.FORMATS}
+    for tail in TAILS if 'topk' in readers else ():
+        readers[tail], objectives[tail] = readers['topk'], tail
+    objectives.update(ce='ce', fullkd='fullkd')
+    methods = step_methods()
+    times, mem = {k: [] for k in methods}, {k: 0 for k in methods}
+    for rep in range(2 + 2 * len(methods)):  # every rotation is timed twice, after 2 warm-ups
+        for name in methods[rep % len(methods):] + methods[:rep % len(methods)]:
             base = peak_memory_reset(env)
             t0 = time.time()
-            sparse = readers[name](seqs) if name in readers else None  # as in training: read per step
+            batch = dict(idx=idx, targets=targets)
+            if name in readers:  # as in training: read per step
+                batch['ids'], batch['w'] = readers[name](seqs)
             with env.ctx:
                 logits = model(idx)
-            losses[name](logits, idx, targets, sparse).backward()
+            if name == 'fullkd':
+                with torch.no_grad(), env.ctx:
+                    batch['teacher'] = teacher_c(idx)
+            rskd.OBJECTIVES[objectives[name]](logits, batch).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            del logits
+            del logits, batch
             if env.type == 'cuda':
                 torch.cuda.synchronize()
             if rep >= 2:
@@ -226,28 +253,26 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
                 mem[name] = max(mem[name], peak_memory(env) - base)
     step_ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
     host_ms = {}  # what training's fetch does per micro-batch: the tokens, the cache rows, their checks
-    for loss in ('rskd', 'topk'):
+    for method in rskd.FORMATS:
         samples = []
         for _ in range(10):
             t0 = time.time()
             rskd.get_batch(tokens, seqs, T, env)
-            readers[loss](seqs)
+            readers[method](seqs)
             samples.append(time.time() - t0)
-        host_ms[loss] = 1000 * float(np.median(samples))
+        host_ms[method] = 1000 * float(np.median(samples))
     # what reading a batch's rows costs, with and without their checks (checksums, values), interleaved
     read_ms = {}
-    for loss, method in (('rskd', 'rs'), ('topk', 'topk')):
-        run_cfg = replace(vanilla, cache_dir=dirs[method])
-        plain = rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env, checked=False)[1]
+    for method in rskd.FORMATS:
+        plain = reader(method, checked=False)
         samples = dict(checked=[], unchecked=[])
         for _ in range(20):
-            for kind, read in (('checked', readers[loss]), ('unchecked', plain)):
+            for kind, read in (('checked', readers[method]), ('unchecked', plain)):
                 t0 = time.time()
                 read(seqs)
                 samples[kind].append(time.time() - t0)
         read_ms[method] = {k: 1000 * float(np.median(v)) for k, v in samples.items()}
-    check_share = {m: (r['checked'] - r['unchecked']) / step_ms['rskd' if m == 'rs' else 'topk']
-                   for m, r in read_ms.items()}
+    check_share = {m: (r['checked'] - r['unchecked']) / step_ms[m] for m, r in read_ms.items()}
     kind = 'growth of CUDA max allocated during the step' if env.type == 'cuda' else 'RSS peak growth during the step'
     return dict(step_ms=step_ms, step_ratio_vs_ce={k: v / step_ms['ce'] for k, v in step_ms.items()},
                 tok_s={k: B * T / v * 1000 for k, v in step_ms.items()}, peak_mem_bytes=mem,
@@ -273,19 +298,19 @@ def bench_pipeline(cfg, env, tokens, V, B=16, T=1024):
     if S < B:
         return dict(pipeline_shape=None, pipeline_host_ms={})
     host_ms = {}
-    for method, loss in (('rs', 'rskd'), ('topk', 'topk')):
+    for method, fmt in rskd.FORMATS.items():
         run_cfg = replace(cfg, method=method, cache_dir=os.path.join(cfg.out_dir, f'bench-pipeline-{method}'),
-                          block_size=T, batch_size=4, max_seqs=B, split='train', k=12, rounds=50)
+                          block_size=T, batch_size=4, max_seqs=B, split='train')
         shutil.rmtree(run_cfg.cache_dir, ignore_errors=True)
         rskd.run_cache(run_cfg, env, (RandomTeacher(V).to(env.device), dict(name='random', sha256='-')))
-        reader = rskd.open_cache(run_cfg, loss, tokens[:B * T + 1], V, env)[1]
+        reader = rskd.open_cache(run_cfg, fmt['loss'], tokens[:B * T + 1], V, env)[1]
         samples = []
         for _ in range(10):
             t0 = time.time()
             rskd.get_batch(tokens, list(range(B)), T, env)
             reader(list(range(B)))
             samples.append(time.time() - t0)
-        host_ms[loss] = 1000 * float(np.median(samples))
+        host_ms[method] = 1000 * float(np.median(samples))
     return dict(pipeline_shape=f'{B}x{T}', pipeline_host_ms=host_ms)
 
 
@@ -293,7 +318,7 @@ def report(res, cfg):
     B, T = cfg.batch_size, cfg.block_size
     print(f"\nbench on {res['device']} ({res['dtype']}{', compiled' if res['compile'] else ''}), batch {B}x{T}")
     print(f"{'method':8} {'step ms':>9} {'vs ce':>6} {'tok/s':>8} {'peak MB':>8}   ({res['peak_mem_kind']})")
-    for k in STEP_METHODS:
+    for k in res['step_ms']:
         print(f"{k:8} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
               f"{res['peak_mem_bytes'][k] / 2**20:8.0f}")
     for m, ms in res['host_batch_ms'].items():
@@ -308,9 +333,9 @@ def report(res, cfg):
         print(f"teacher under bf16 autocast, {name}: probabilities (> 1e-4) off float32's by {100 * e['median_rel_error']:.2f}% "
               f"(median), {100 * e['max_rel_error']:.1f}% (max); KL(fp32 || bf16) {e['kl_float32_to_bf16']:.2e}")
     speed, ratio = res['cache_tok_s'], res['cache_ratio_vs_fwd']
-    print(f"teacher forward {res['teacher_fwd_tok_s']:,.0f} tok/s; cache rs {speed['rs']:,.0f} tok/s "
-          f"({ratio['rs']:.2f}x), topk {speed['topk']:,.0f} tok/s ({ratio['topk']:.2f}x); x: the median of "
-          f"5 cache runs / the forward run before each")
+    print(f"teacher forward {res['teacher_fwd_tok_s']:,.0f} tok/s; cache " +
+          ', '.join(f"{m} {speed[m]:,.0f} tok/s ({ratio[m]:.2f}x)" for m in speed) +
+          "; x: the median of 5 cache runs / the forward run before each")
     print(f"gradient vs full KD (student: {res['fidelity_student']})\n{'':16} {'unique':>6}  "
           f"{'logits: angle':>13} {'norm':>5}  {'weights: angle':>14} {'norm':>5}")
     for k in res['grad_angle_deg_logits']:
@@ -395,14 +420,14 @@ def peak_memory(env):
 
 # (row name, run name, the bench's step method for it, its cache folder)
 ROWS = [('CE', 'ce', 'ce', ''), ('Top-K 12', 'topk', 'topk', 'cache-topk'),
-        ('Top-K 12 + ghost', 'ghost', 'ghost', 'cache-topk'), ('RS-KD, 50 rounds', 'rskd', 'rskd', 'cache-rs'),
-        ('RS-KD systematic, 46', 'sys', 'rskd', 'cache-sys'), ('Full KD', 'fullkd', 'fullkd', ''),
+        ('Top-K 12 + ghost', 'ghost', 'ghost', 'cache-topk'), ('RS-KD, 50 rounds', 'rskd', 'rs', 'cache-rs'),
+        ('RS-KD systematic, 46', 'sys', 'rs', 'cache-sys'), ('Full KD', 'fullkd', 'fullkd', ''),
         ('Top-K 12 + label smoothing', 'smooth', 'smooth', 'cache-topk'),
         ('Top-K 12 + naive fix', 'naive', 'naive', 'cache-topk'),
-        ('RS-KD, 50 rounds from t^0.8 (is)', 'is08', 'rskd', 'cache-is08'),
-        ('RS-KD, 50 rounds from t^1.2 (is)', 'is12', 'rskd', 'cache-is12'),
-        ('RS-KD, 5 rounds', 'rs5', 'rskd', 'cache-rs5'), ('RS-KD, 12 rounds', 'rs12', 'rskd', 'cache-rs12'),
-        ('RS-KD, 150 rounds', 'rs150', 'rskd', 'cache-rs150')]
+        ('RS-KD, 50 rounds from t^0.8 (is)', 'is08', 'is', 'cache-is08'),
+        ('RS-KD, 50 rounds from t^1.2 (is)', 'is12', 'is', 'cache-is12'),
+        ('RS-KD, 5 rounds', 'rs5', 'rs', 'cache-rs5'), ('RS-KD, 12 rounds', 'rs12', 'rs', 'cache-rs12'),
+        ('RS-KD, 150 rounds', 'rs150', 'rs', 'cache-rs150')]
 SEEDS = (1, 2)
 
 
@@ -417,7 +442,8 @@ def cache_size(cache):
         meta = json.load(f)
     P = meta['num_seqs'] * meta['block_size']
     size = f"{sum(map(os.path.getsize, glob.glob(os.path.join(cache, '*.bin')))) / P:.1f}"
-    return size + (f" ({meta['entries'] / P:.1f} unique)" if meta['method'] != 'topk' else '')
+    ragged = rskd.FORMATS.get(meta['method'], {}).get('ragged')
+    return size + (f" ({meta['entries'] / P:.1f} unique)" if ragged else '')
 
 
 def print_tables(rows=ROWS, seeds=SEEDS):
@@ -452,13 +478,18 @@ def print_tables(rows=ROWS, seeds=SEEDS):
         print(f"| {b / 5:.1f}-{(b + 1) / 5:.1f} | " + ' | '.join(cells) + ' |')
 
 
-if __name__ == '__main__':
-    if sys.argv[1:] == ['tables']:
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['tables']:
         print_tables()
-    elif sys.argv[1:2] == ['rounds']:
-        args = parse_args(rskd.Config, ['--mode', 'bench', *sys.argv[2:]], rskd.TEACHER, __doc__.split('\n')[1])
-        cfg = resolve_config(rskd.Config, args, rskd.TEACHER, rskd.FORMATS)[0]
-        with user_errors(cfg):
-            run_rounds(cfg, setup(cfg))
-    else:
-        rskd.main(['--mode', 'bench', *sys.argv[1:]])
+        return
+    rounds = argv[:1] == ['rounds']
+    args = parse_args(rskd.Config, argv[rounds:], rskd.TEACHER, __doc__)
+    cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS)
+    env = setup(cfg)
+    with user_errors(cfg), folder_lock(cfg, env):
+        (run_rounds if rounds else run_bench)(cfg, env)
+
+
+if __name__ == '__main__':
+    main()

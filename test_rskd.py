@@ -35,6 +35,16 @@ TINY = ['--n_layer', '1', '--n_head', '2', '--n_embd', '16', '--block_size', '16
         '--eval_iters', '2', '--log_interval', '5', '--device', 'cpu', '--seed', '3', '--commit_seconds', '0']
 
 
+# the value each cache option takes in the tests' caches (options that no format records are not given)
+OPTIONS = dict(k=5, proposal_temperature=0.8)
+
+
+def method_args(method):
+    """--method and the test value of each option its FORMATS entry records."""
+    meta = rskd.FORMATS[method]['meta']
+    return ['--method', method, *[a for o in meta if o in OPTIONS for a in (f'--{o}', OPTIONS[o])]]
+
+
 def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
     """A corpus with something to learn: a random first-order Markov chain with peaky transitions."""
     os.makedirs(d, exist_ok=True)
@@ -100,7 +110,11 @@ def isolated(tmp_path):
 
 
 def run(*argv):
-    rskd.main([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    if argv[:2] == ['--mode', 'bench']:  # the bench is a script of its own
+        import bench
+        return bench.main(argv[2:])
+    rskd.main(argv)
 
 
 def fail(capsys, *argv):
@@ -141,10 +155,10 @@ def teacher(tmp_path_factory, data):
 @pytest.fixture(scope='session')
 def caches(tmp_path_factory, data, teacher):
     d = tmp_path_factory.mktemp('caches')
-    for method in ('rs', 'topk', 'is'):
+    for method in rskd.FORMATS:  # every format, so that a fork's new entry is tested with no new test code
         run('--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d / method,
-            '--method', method, '--k', 5, *TINY, *(['--proposal_temperature', 0.8] if method == 'is' else []))
-    return {m: str(d / m) for m in ('rs', 'topk', 'is')}
+            *method_args(method), *TINY)
+    return {m: str(d / m) for m in rskd.FORMATS}
 
 # ----------------------------------------------------------------------------- data and model
 
@@ -331,6 +345,23 @@ def test_rs_multinomial_is_unbiased(p):
     assert ((est - p).abs() <= tol).all(), (est, p)
 
 
+@pytest.mark.parametrize('method', [m for m, f in rskd.FORMATS.items() if f['unbiased']])
+def test_each_format_that_claims_it_is_unbiased(method):
+    # M rows of the same distribution through the format's target and back through its weights, as a
+    # training batch reads them: the mean of the per-row sparse targets estimates t, within 5 standard
+    # errors measured from the rows themselves; a token of probability 0 is never stored
+    fmt, M = rskd.FORMATS[method], 4000
+    options = guardrails.recorded_options(rskd.Config(**{o: OPTIONS[o] for o in fmt['meta'] if o in OPTIONS}), fmt)
+    stored = fmt['target'](P.expand(1, M, len(P)).clone(), options, [torch.Generator().manual_seed(0)])
+    ids, w = fmt['weights'](stored, vars(options))
+    if fmt['ragged']:
+        ids, w = rskd.pad_rows(stored[fmt['ragged']], ids, w)
+    rows = torch.zeros(M, len(P)).scatter_add_(1, ids.view(M, -1), w.view(M, -1).float()).double()
+    est, se = rows.mean(0), rows.std(0) / math.sqrt(M)
+    assert ((est - P).abs() <= 5 * se + 1e-9).all(), (est, P, se)
+    assert rows[:, P == 0].abs().max() == 0 and (se[P > 0] > 0).all()
+
+
 def test_renormalised_topk_is_biased():
     tol = 5 * torch.sqrt(P * (1 - P) / (50 * 4000)) + 1e-6  # the test above's tolerance
     renorm = torch.zeros_like(P)
@@ -371,7 +402,7 @@ def test_grouped_top_k_equals_torch_topk():
         x = (torch.randn(2, 8, vocab) * 3 - 10).to(dtype)
         x[0, 0, vocab - 5:] = torch.tensor([5., 6., 7., 8., 9.])  # the largest in the tokens that join the first groups
         for k in (1, 5, 12, vocab // 8, vocab):  # the last one falls back to torch.topk
-            values, ids = rskd.top_k(x, k, group)
+            values, ids = guardrails.top_k(x, k, group)
             assert torch.equal(values, x.topk(k, dim=-1).values), (vocab, k)
             # the ids hold those values, each id once (among equal values the order may differ)
             assert torch.equal(x.gather(-1, ids), values) and (ids.sort(-1).values.diff(dim=-1) > 0).all()
@@ -442,12 +473,13 @@ def cache_args(data, teacher, d, *extra):
     return ['--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d, *TINY, *extra]
 
 
+@pytest.mark.parametrize('method', list(rskd.FORMATS))
 @pytest.mark.parametrize('where', ['rskd.cache_batch', 'guardrails.write_json'])
-def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches, where, capsys):
+def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches, where, method, capsys):
     ref, d = str(tmp_path / 'ref'), str(tmp_path / 'killed')
-    args = cache_args(data, teacher, d, '--batch_size', 2)
-    run(*cache_args(data, teacher, ref, '--batch_size', 2))
-    two, four = files_of(ref), files_of(caches['rs'])  # chunks of 2 sequences or of 4: the same cache
+    args = cache_args(data, teacher, d, '--batch_size', 2, *method_args(method))
+    run(*cache_args(data, teacher, ref, '--batch_size', 2, *method_args(method)))
+    two, four = files_of(ref), files_of(caches[method])  # chunks of 2 sequences or of 4: the same cache
     metas = [json.loads(d.pop('meta.json')) for d in (two, four)]
     assert two == four and [m.pop('batch_size') for m in metas] == [2, 4] and metas[0] == metas[1]
     # killed during the 3rd chunk's sampling, or (write_json) after the 3rd chunk's data was written but
@@ -456,7 +488,7 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
     meta = json.load(open(os.path.join(d, 'meta.json')))
     assert not meta['complete'] and meta['seqs_done'] == 4
     assert 'incomplete' in fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', d, *TINY,
-                                '--out_dir', tmp_path / 'o')
+                                '--loss', rskd.FORMATS[method]['loss'], '--out_dir', tmp_path / 'o')
     run(*args)
     assert 'resuming' in capsys.readouterr().out
     assert files_of(d) == files_of(ref)
@@ -555,8 +587,11 @@ def test_is_cache_at_tau_1_is_the_rs_cache_plus_unit_weights(tmp_path, data, tea
         assert is_[name] == rs[name]  # the same draws
     assert np.abs(np.frombuffer(is_['weights.bin'], np.float32) - 1).max() < 1e-5
     assert json.loads(is_['meta.json'])['proposal_temperature'] == 1.0
-    # --method rs with tau != 1 makes an is cache; it trains with --loss rskd
-    run(*cache_args(data, teacher, tmp_path / 'is8', '--proposal_temperature', 0.8))
+    # a tau with --method rs is refused, not switched to is behind the user's back; is at 0.8 trains
+    with pytest.raises(SystemExit):
+        run(*cache_args(data, teacher, tmp_path / 'is8', '--proposal_temperature', 0.8))
+    assert not os.path.exists(tmp_path / 'is8')
+    run(*cache_args(data, teacher, tmp_path / 'is8', '--method', 'is', '--proposal_temperature', 0.8))
     meta = json.load(open(tmp_path / 'is8' / 'meta.json'))
     assert meta['method'] == 'is' and meta['proposal_temperature'] == 0.8
     assert meta['entries'] > json.loads(rs['meta.json'])['entries']  # a flatter proposal, more ids
@@ -684,22 +719,24 @@ def test_each_loss_trains_and_logs_every_metric(tmp_path, data, teacher, caches,
 
 
 def test_bench_writes_every_number(tmp_path, data, teacher):
-    run('--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', tmp_path, *TINY)
+    import bench
+    bench.main(['--data_dir', data, '--teacher', teacher, '--out_dir', str(tmp_path), *TINY])
     res = json.load(open(tmp_path / 'bench.json'))
+    formats = set(rskd.FORMATS)  # every format is benched, with no edit of bench.py
     for key in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes'):
-        assert set(res[key]) == {'ce', 'rskd', 'topk', 'ghost', 'smooth', 'naive', 'fullkd'} and all(v >= 0 for v in res[key].values())
+        assert set(res[key]) == {'ce', *formats, 'ghost', 'smooth', 'naive', 'fullkd'} and all(v >= 0 for v in res[key].values())
     assert all(v > 0 for v in res['step_ms'].values())
-    assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == {'rs', 'topk'}
-    assert [len(res['cache_runs_tok_s'][k]) for k in ('fwd', 'rs', 'topk')] == [10, 5, 5]
+    assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == formats
+    assert [len(res['cache_runs_tok_s'][k]) for k in ('fwd', *formats)] == [5 * len(formats)] + [5] * len(formats)
     assert all(r > 0 for r in res['cache_ratio_vs_fwd'].values())
     r_eq = res['systematic_equal_storage_rounds']
-    assert set(res['grad_angle_deg']) == {'rskd', 'topk12', 'topk50', 'ghost12', 'smooth12', 'naive12', 'systematic50',
+    assert set(res['grad_angle_deg']) == {*formats, 'topk50', 'ghost', 'smooth', 'naive', 'systematic50',
                                           f'systematic{r_eq}', 'is0.8', 'is1.2'}
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
     assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
-    assert set(res['read_ms']) == {'rs', 'topk'} and all(v['checked'] > 0 for v in res['read_ms'].values())
+    assert set(res['read_ms']) == formats and all(v['checked'] > 0 for v in res['read_ms'].values())
     assert res['pipeline_shape'] == '16x1024' and all(v > 0 for v in res['pipeline_host_ms'].values())
-    assert set(res['host_batch_ms']) == {'rskd', 'topk'}
+    assert set(res['host_batch_ms']) == set(res['pipeline_host_ms']) == formats
     # the float32 output layer takes out most of what bfloat16 does to the teacher's probabilities
     errors = res['teacher_bf16']
     assert errors['float32 output layer']['kl_float32_to_bf16'] < errors['bfloat16 output layer']['kl_float32_to_bf16']
@@ -714,69 +751,103 @@ def test_help_comes_from_the_config_fields():
             assert choice in text
 
 
+def test_a_copied_entry_works_under_a_new_name(tmp_path, data, teacher, monkeypatch, capsys):
+    # the fork's first step: FORMATS['rs2'] = dict(FORMATS['rs']), nothing else. It caches, verifies and
+    # trains, and its cache holds what an rs cache holds
+    monkeypatch.setitem(rskd.FORMATS, 'rs2', dict(rskd.FORMATS['rs']))
+    run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'rs2', '--max_seqs', 64))
+    run(*cache_args(data, teacher, tmp_path / 'ref', '--max_seqs', 64))
+    ours, ref = files_of(tmp_path / 'c'), files_of(tmp_path / 'ref')
+    assert json.loads(ours.pop('meta.json'))['method'] == 'rs2' and json.loads(ref.pop('meta.json'))['method'] == 'rs'
+    assert ours == ref
+    capsys.readouterr()
+    run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY)
+    assert 'is intact: 64 sequences' in capsys.readouterr().out
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY,
+        '--max_seqs', 64, '--max_iters', 2, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
+    assert [json.loads(line)['iter'] for line in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 2]
+
+
 def top1_target(probs, cfg, gens):
-    """A new sparse target for the fork test: the single most probable id and its probability."""
-    values, ids = rskd.top_k(probs.flatten(0, 1), 1)
-    return dict(ids=ids, probs=values.half())
+    """A new sparse target for the fork test: the most probable id, its probability, and its rank among
+    the teacher's probabilities rounded to a tenth (a file that means something new)."""
+    values, ids = guardrails.top_k(probs.flatten(0, 1), 1)
+    return dict(ids=ids, probs=values.half(), tenths=(values * 10).round().to(torch.uint8))
 
 
-def test_a_new_target_goes_in_through_the_table(tmp_path, data, teacher, monkeypatch, capsys):
-    # the fork: one FORMATS entry, one target function, one branch in stored_weights; it trains with
-    # an existing loss. Cache mode, the checks and the reader need nothing else
-    monkeypatch.setitem(rskd.FORMATS, 'top1', dict(target=top1_target, loss='topk', meta={},
-                        files=dict(ids=('ids', 'position'), probs=('float16', 'position'))))
-    stored_weights = rskd.stored_weights
+def tenths_valid(a, starts, meta):  # the new file's own value check
+    return bool((a <= 10).all())
 
-    def with_top1(meta, rows):
-        if meta['method'] == 'top1':
-            return rows['ids'], rows['probs'].float()
-        return stored_weights(meta, rows)
-    monkeypatch.setattr(rskd, 'stored_weights', with_top1)
-    run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'top1'))
+
+def top1_weights(stored, meta):
+    return stored['ids'], stored['probs'].float()
+
+
+def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, monkeypatch, capsys):
+    # the fork: a target function and one FORMATS entry with a file of its own, trained with an existing
+    # loss. Cache mode, the checks, verify, the reader and the bench need nothing else
+    entry = dict(target=top1_target, loss='topk', unbiased=False, ragged=None, weights=top1_weights, meta={},
+                 files=dict(ids=('ids', 'position', [guardrails.in_vocab]),
+                            probs=('float16', 'position', [guardrails.probability]),
+                            tenths=('uint8', 'position', [tenths_valid])))
+    monkeypatch.setitem(rskd.FORMATS, 'top1', entry)
+    run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'top1', '--max_seqs', 64))
     meta = json.load(open(tmp_path / 'c' / 'meta.json'))
     P = meta['num_seqs'] * meta['block_size']
     assert meta['complete'] and os.path.getsize(tmp_path / 'c' / 'ids.bin') == 2 * P
     probs = np.fromfile(tmp_path / 'c' / 'probs.bin', np.float16)
-    assert len(probs) == P and (probs > 0).all() and (probs <= 1).all()
+    tenths = np.fromfile(tmp_path / 'c' / 'tenths.bin', np.uint8)
+    assert len(probs) == len(tenths) == P and (probs > 0).all() and (probs <= 1).all()
+    assert (tenths <= 10).all() and np.abs(tenths - probs.astype(np.float32) * 10).max() <= 0.51
     run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY,
-        '--loss', 'topk', '--max_iters', 2, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
-    assert [json.loads(l)['iter'] for l in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 2]
-    cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
-    env = rskd.setup(cfg)
-    _, reader = rskd.open_cache(cfg, 'topk', rskd.load_split(cfg, 'train', env)[0], V, env)
-    ids, w = reader([0, 5])
-    assert ids.shape == w.shape == (2, 16, 1) and torch.equal(w.flatten(), torch.from_numpy(
-        np.concatenate([probs[:16], probs[5 * 16:6 * 16]]).astype(np.float32)))
-    # each forgotten step fails loudly: a loss that takes no such cache, a missing reader branch,
-    # a target that fills a file the table does not list
+        '--loss', 'topk', '--max_seqs', 64, '--max_iters', 2, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
+    assert [json.loads(line)['iter'] for line in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 2]
+    # its new file is checksummed and value-checked like every other: a value its check refuses, with
+    # the checksum recomputed, is caught by verify
+    shutil.copytree(tmp_path / 'c', tmp_path / 'bad')
+    np.memmap(tmp_path / 'bad' / 'tenths.bin', np.uint8, 'r+')[20] = 99
+    units = guardrails.cache_files(meta, rskd.FORMATS)
+    mm = {name: np.fromfile(tmp_path / 'bad' / f'{name}.bin', dt) for name, (dt, _) in units.items()}
+    crc = guardrails.sequence_crcs(mm, units, meta, [1], {k: 0 for k in units})[0]
+    np.memmap(tmp_path / 'bad' / 'checksums.bin', np.uint32, 'r+')[1] = crc
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'bad', *TINY)
+    assert 'damaged: sequences 1-1' in capsys.readouterr().out
+    # whatever the fork forgets fails loudly, naming the missing piece: a loss that takes no such cache...
     assert 'is a top1 cache, --loss rskd needs a rs or is cache' in fail(
-        capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'rskd')
-    monkeypatch.setattr(rskd, 'stored_weights', stored_weights)
-    with pytest.raises(NotImplementedError, match='no reader for top1 caches'):
-        reader([0])
-
+        capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'rskd',
+        '--max_seqs', 64)
+    # ... a new file without value checks, refused before anything is written
+    good = entry['files']
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'files', dict(good, tenths=('uint8', 'position', [])))
+    with pytest.raises(RuntimeError, match="file 'tenths' has no value checks"):
+        run(*cache_args(data, teacher, tmp_path / 'c4', '--method', 'top1'))
+    assert not os.path.exists(tmp_path / 'c4' / 'meta.json')
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'files', good)
+    # ... a missing piece of the entry
+    monkeypatch.delitem(rskd.FORMATS['top1'], 'weights')
+    with pytest.raises(RuntimeError, match=r"FORMATS\['top1'\] has no weights"):
+        run(*cache_args(data, teacher, tmp_path / 'c6', '--method', 'top1'))
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'weights', top1_weights)
+    # ... a target that fills a file the table does not list
     def extra_file(probs, cfg, gens):
         return dict(top1_target(probs, cfg, gens), weights=torch.ones(1))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', extra_file)
-    with pytest.raises(RuntimeError, match='must fill each of its files'):
+    with pytest.raises(RuntimeError, match='must return exactly its files'):
         run(*cache_args(data, teacher, tmp_path / 'c2', '--method', 'top1'))
 
     # ... a target that reads an option its meta does not record (a resume could change it unseen)
     def unrecorded_option(probs, cfg, gens):
-        values, ids = rskd.top_k(probs.flatten(0, 1), cfg.k)
-        return dict(ids=ids, probs=values.half())
+        values, ids = guardrails.top_k(probs.flatten(0, 1), cfg.k)
+        return dict(ids=ids, probs=values.half(), tenths=(values * 10).round().to(torch.uint8))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', unrecorded_option)
     with pytest.raises(AttributeError, match="read cfg.k, which its FORMATS entry's meta does not record"):
         run(*cache_args(data, teacher, tmp_path / 'c3', '--method', 'top1'))
-    monkeypatch.setitem(rskd.FORMATS['top1'], 'meta', dict(k=int))  # recorded: it runs, and meta has k
-    run(*cache_args(data, teacher, tmp_path / 'c5', '--method', 'top1'))
-    assert json.load(open(tmp_path / 'c5' / 'meta.json'))['k'] == rskd.Config.k
-    # ... and a file whose values check_rows does not know, refused before anything is written
-    files = dict(rskd.FORMATS['top1']['files'], scores=('float32', 'position'))
-    monkeypatch.setitem(rskd.FORMATS['top1'], 'files', files)
-    with pytest.raises(RuntimeError, match=r"no value checks for its file\(s\) \['scores'\]"):
-        run(*cache_args(data, teacher, tmp_path / 'c4', '--method', 'top1'))
-    assert not os.path.exists(tmp_path / 'c4' / 'meta.json')
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'target', top1_target)
+    # ... and an option of another method is refused for this one
+    assert '--k is an option of --method topk, not top1' in fail(
+        capsys, *cache_args(data, teacher, tmp_path / 'c5', '--method', 'top1', '--k', 3))
 
 
 def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsys):
@@ -785,7 +856,7 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
     for cache in {row[3] for row in bench.ROWS if row[3]}:
         shutil.copytree(caches['topk' if cache == 'cache-topk' else 'is' if 'is' in cache else 'rs'], cache)
     os.makedirs('out')
-    json.dump(dict(step_ratio_vs_ce={m: 1.0 + i / 10 for i, m in enumerate(bench.STEP_METHODS)}), open('out/bench.json', 'w'))
+    json.dump(dict(step_ratio_vs_ce={m: 1.0 + i / 10 for i, m in enumerate(bench.step_methods())}), open('out/bench.json', 'w'))
     bins = [[10, (b + 0.5) / 15, 0.5] for b in range(15)]
     for i, (_, run_name, *_) in enumerate(bench.ROWS):
         for seed in (1, 2):
@@ -987,8 +1058,10 @@ def bad_inputs(tmp, data, teacher, caches):
         'metrics.jsonl is a folder': (lambda: (os.makedirs(f'{tmp}/out/metrics.jsonl'), [*train, '--cache_dir', caches['rs']])[1], 'metrics.jsonl is a folder where rskd needs a file'),
         'nan learning_rate': (lambda: [*train, '--learning_rate', 'nan'], '--learning_rate must be a finite number, got nan'),
         'inf alpha': (lambda: [*train, '--alpha', 'inf'], '--alpha must be a finite number, got inf'),
-        'nan proposal_temperature': (lambda: [*cache, '--proposal_temperature', 'nan'], '--proposal_temperature must be a finite number'),
-        'zero proposal_temperature': (lambda: [*cache, '--proposal_temperature', 0], '--proposal_temperature must be a positive number'),
+        'nan proposal_temperature': (lambda: [*cache, '--method', 'is', '--proposal_temperature', 'nan'], '--proposal_temperature must be a finite number'),
+        'zero proposal_temperature': (lambda: [*cache, '--method', 'is', '--proposal_temperature', 0], '--proposal_temperature must be a positive number'),
+        'tau without --method is': (lambda: [*cache, '--proposal_temperature', 0.8], '--proposal_temperature is an option of --method is, not rs'),
+        'k for an rs cache': (lambda: [*cache, '--k', 4], '--k is an option of --method topk, not rs'),
         'negative seed': (lambda: [*train, '--seed', -1], '--seed must be between 0 and 2**64'),
         'huge seed': (lambda: [*train, '--seed', 10 ** 20], '--seed must be between 0 and 2**64'),
         'model too big': (lambda: [*train, '--cache_dir', caches['rs'], '--n_layer', 200, '--n_embd', 16384], 'needs about'),
@@ -1028,7 +1101,10 @@ def test_bad_input_gives_one_clear_line(case, tmp_path, data, teacher, caches, c
 
 def test_bench_refuses_torchrun(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv('RANK', '0')
-    assert 'not torchrun' in fail(capsys, '--mode', 'bench', '--data_dir', tmp_path / 'none', '--out_dir', tmp_path)
+    import bench
+    with pytest.raises(SystemExit):
+        bench.main(['--data_dir', str(tmp_path / 'none'), '--out_dir', str(tmp_path)])
+    assert 'not torchrun' in capsys.readouterr().err
     assert 'not torchrun' in fail(capsys, '--mode', 'verify', '--data_dir', tmp_path / 'none', '--cache_dir', tmp_path)
 
 
@@ -1127,22 +1203,27 @@ def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, ca
     run(*args)
     assert files_of(tmp_path / 'c') == files_of(caches['rs'])
 
+def cache_units(d):
+    """name -> (numpy dtype, per) of each file of the cache in d, from its FORMATS entry."""
+    return guardrails.cache_files(json.load(open(os.path.join(d, 'meta.json'))), rskd.FORMATS)
+
+
 def affected_sequences(d, name, element):
     """The sequences whose checksum covers element `element` of d/name.bin."""
     meta = json.load(open(os.path.join(d, 'meta.json')))
-    T, S = meta['block_size'], meta['num_seqs']
-    if name == 'checksums':
+    T, S, per = meta['block_size'], meta['num_seqs'], cache_units(d)[name][1]
+    if per == 'crc':
         return {element}
-    if name == 'seq_offsets':  # offsets[j] ends sequence j-1 and starts sequence j
+    if per == 'sequence':  # offsets[j] ends sequence j-1 and starts sequence j
         return {s for s in (element - 1, element) if 0 <= s < S}
-    if name in ('lengths', 'probs') or meta['method'] == 'topk':
-        return {element // (T * (meta['k'] if meta['method'] == 'topk' else 1))}
-    offsets = np.fromfile(os.path.join(d, 'seq_offsets.bin'), np.uint64)
-    return {int(np.searchsorted(offsets, element, side='right')) - 1}
+    if per == 'entry':
+        offsets = np.fromfile(os.path.join(d, 'seq_offsets.bin'), np.uint64)
+        return {int(np.searchsorted(offsets, element, side='right')) - 1}
+    return {element // (T * guardrails.width(meta, per))}
 
 
 def damage(path, dtype, element, kind):
-    """One element of a cache file damaged in place: its bits flipped, zeroed, or out of range."""
+    """One element of a cache file damaged in place: its bits flipped, zeroed, or set to an extreme."""
     a = np.memmap(path, dtype=dtype, mode='r+')
     before = a[element].copy()
     if kind == 'flip':
@@ -1152,39 +1233,34 @@ def damage(path, dtype, element, kind):
         if before == 0:  # nothing to zero here: zero the next nonzero element instead
             element = int(np.flatnonzero(a)[0])
             a[element] = 0
-    else:
-        a[element] = {'ids': 65000, 'counts': 200, 'lengths': 0, 'seq_offsets': 2 ** 62, 'checksums': 12345,
-                      'probs': 7.0, 'weights': -1.0}[os.path.basename(path)[:-4]]
+    else:  # the largest integer, or a negative float (a value that no check lets through unseen)
+        extreme = np.iinfo(a.dtype).max if a.dtype.kind in 'ui' else -7.0
+        a[element] = extreme if before != extreme else 0
     a.flush()
     return element
 
 
-DTYPES = dict(lengths='uint8', ids='uint16', counts='uint8', seq_offsets='uint64', checksums='uint32',
-              probs='float16', weights='float32')
-
-
-@pytest.mark.parametrize('method', ['rs', 'topk', 'is'])
+@pytest.mark.parametrize('method', list(rskd.FORMATS))
 def test_damaged_cache_is_caught_before_its_rows_are_used(method, tmp_path, data, caches, capsys):
-    # every file of the cache, damaged at its start, middle and end by a bit flip, zeroes or a value out of
-    # range; training reads batches in order: the first batch holding a damaged sequence must stop the run,
-    # the batches before it must pass
+    # every file of the cache, damaged at its start, middle and end by a bit flip, zeroes or an extreme
+    # value; training reads batches in order: the first batch holding a damaged sequence must stop the
+    # run, the batches before it must pass
     src = caches[method]
-    names = sorted(n[:-4] for n in os.listdir(src) if n.endswith('.bin'))
+    units = cache_units(src)
     cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
     env = rskd.setup(cfg)
     tokens = rskd.load_split(cfg, 'train', env)[0]
-    loss = 'topk' if method == 'topk' else 'rskd'
-    for name in names:
-        n = os.path.getsize(os.path.join(src, f'{name}.bin')) // np.dtype(DTYPES[name]).itemsize
+    for name, (dtype, _) in units.items():
+        n = os.path.getsize(os.path.join(src, f'{name}.bin')) // np.dtype(dtype).itemsize
         for element in (0, n // 2, n - 1):
-            for kind in ('flip', 'zero', 'out of range'):
+            for kind in ('flip', 'zero', 'extreme'):
                 shutil.rmtree(tmp_path / 'c', ignore_errors=True)
                 shutil.copytree(src, tmp_path / 'c')
-                if name == 'seq_offsets' and element == 0 and kind == 'zero':
+                if units[name][1] == 'sequence' and element == 0 and kind == 'zero':
                     element = 1  # (offsets[0] is 0 already)
-                hit = damage(str(tmp_path / 'c' / f'{name}.bin'), DTYPES[name], element, kind)
+                hit = damage(str(tmp_path / 'c' / f'{name}.bin'), dtype, element, kind)
                 bad = affected_sequences(src, name, hit)
-                _, reader = rskd.open_cache(cfg, loss, tokens, V, env)
+                _, reader = rskd.open_cache(cfg, rskd.FORMATS[method]['loss'], tokens, V, env)
                 S = json.load(open(tmp_path / 'c' / 'meta.json'))['num_seqs']
                 for lo in range(0, S, 64):
                     seqs = list(range(lo, min(lo + 64, S)))
@@ -1207,8 +1283,8 @@ def test_values_are_checked_even_where_a_checksum_matches(tmp_path, data, caches
     counts = np.memmap(tmp_path / 'c' / 'counts.bin', np.uint8, 'r+')
     counts[0] = 0
     counts.flush()
-    mm = {n[:-4]: np.fromfile(tmp_path / 'c' / n, DTYPES[n[:-4]]) for n in os.listdir(tmp_path / 'c') if n.endswith('.bin')}
-    units = guardrails.file_units(meta, rskd.FORMATS)
+    units = cache_units(tmp_path / 'c')
+    mm = {name: np.fromfile(tmp_path / 'c' / f'{name}.bin', dt) for name, (dt, _) in units.items()}
     crc = guardrails.sequence_crcs(mm, units, meta, [0], {k: 0 for k in units})[0]
     np.memmap(tmp_path / 'c' / 'checksums.bin', np.uint32, 'r+')[0] = crc
     cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
@@ -1246,7 +1322,7 @@ def test_wide_top_k_rows_are_read_whole():
     # a Top-K cache with k > 255 (the most entries a ragged position can have): its fixed-width rows
     # are read whole, not cut to 255 per position
     meta = dict(method='topk', block_size=2, k=300, vocab_size=50257, seqs_done=3, entries=1800, ids_dtype='uint16')
-    units = guardrails.file_units(meta, rskd.FORMATS)
+    units = guardrails.cache_files(meta, rskd.FORMATS)
     mm = dict(ids=np.arange(1800, dtype=np.uint16), probs=np.linspace(1, 0, 1800).astype(np.float16))
     rows = guardrails.read_rows(mm, units, meta, [0, 2])
     assert len(rows['ids']) == 2 * 2 * 300 and rows['ids'][600] == 1200
