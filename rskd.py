@@ -34,7 +34,7 @@ from guardrails import (
     resolve_config, restore, save_checkpoint, setup, start_metrics,
     stop_everywhere, stop_requested, sums_to, top_k, user_errors,
     verify_cache, write_cache)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig  # GPT(idx): (B, T, V) logits, V real
 
 # ---------------------------------------------------------------
 # config: each field carries its --help text, for the command line
@@ -54,7 +54,7 @@ class Config:
     n_embd: int = opt(128, "embedding width")
     block_size: int = opt(128, "sequence length T")
     # optimisation
-    batch_size: int = opt(16, "sequences per micro-step")
+    batch_size: int = opt(16, "sequences per micro-step (cache: per batch)")
     gradient_accumulation_steps: int = opt(1, "micro-steps/step")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "cosine length (0: max_iters)")
@@ -73,7 +73,7 @@ class Config:
     # what --mode cache stores: a key of FORMATS below
     method: str = opt('rs', "the sparse target to cache")
     sampler: str = opt('multinomial', "rs, is", ('multinomial', 'systematic'))
-    rounds: int = opt(50, "rs, is: draws per position")
+    rounds: int = opt(50, "rs, is: draws per position, 1..255")
     proposal_temperature: float = opt(1.0, "is: q ∝ t^tau")
     k: int = opt(12, "topk: ids per position")
     split: str = opt('train', "what to cache", ('train', 'val'))
@@ -165,13 +165,13 @@ def is_target(probs, cfg, gens):
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids and probabilities, NOT
     # renormalised (vanilla Top-K): the student never hears of the tail
-    # and grows over-confident. (top_k: torch.topk, faster for k << V)
+    # and grows over-confident. (top_k: torch.topk's values, but faster)
     top = [top_k(chunk, cfg.k) for (chunk,) in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
 
-# how each method's stored arrays become the loss's (ids, w)
+# stored: a batch's arrays, file name -> tensor (ids int64) -> (ids, w)
 def rs_weights(stored, meta):  # t^s = c / N
     return stored['ids'], stored['counts'] / meta['rounds']
 
@@ -191,7 +191,7 @@ def topk_weights(stored, meta):  # the teacher's own t_i
 #   files     name -> (dtype, per, checks). dtype 'ids': uint16 (int32
 #             past 65,536 tokens). per: 'position' (one value each), an
 #             option such as 'k' (k each) or 'entry' (ragged). checks:
-#             what every value must satisfy, tested on every read
+#             f(values, each position's start, meta) -> ok, on every read
 #   ragged    its file of entries per position, or None
 #   weights   stored arrays -> (ids, weights), as above
 # The ragged layout: a position's entries follow the previous one's, and
@@ -222,7 +222,7 @@ FORMATS = {
 
 # ---------------------------------------------------------------
 # the method, part 2: the losses. (B, T, V) logits in, a scalar out, in
-# float32; never a dense (B, T, V) target
+# float32; the sparse ones never build a dense (B, T, V) target
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids, p the
@@ -315,11 +315,11 @@ def seq_generators(seed, seqs, device):
 
 def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # `rounds` draws with replacement from each row of probs (B, T, V),
-    # sorted. A point u in (0, 1] picks the token i whose interval
-    # (cdf[i-1], cdf[i]] holds it: probability p_i. multinomial: `rounds`
-    # uniform points; systematic: ONE uniform u per row and the points
-    # (j + 1 - u) / N, j < N: E[c_i] = N p_i still, but c_i is always the
-    # floor or the ceiling of N p_i
+    # sorted; rows need not sum to 1. A point u in (0, 1] picks the token
+    # i whose CDF interval (cdf[i-1], cdf[i]] holds u * sum(p): token i
+    # with probability p_i / sum(p). multinomial: N uniform points.
+    # systematic: ONE uniform u per row and the points (j + 1 - u) / N,
+    # j < N: E[c_i] = N p_i still, but each c_i is floor or ceil of N p_i
     B, T, V = probs.shape
     width = rounds if sampler == 'multinomial' else 1
     f64 = dict(dtype=torch.float64, device=probs.device)
@@ -390,11 +390,11 @@ def run_cache(cfg, env, loaded=None):
         teacher = torch.compile(teacher)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json records what the cache holds, what made it and how far it
-    # got; a rerun resumes it (None: it is complete)
+    # got. .start: where a rerun resumes; None: it is complete already
     cache = write_cache(cfg, env, FORMATS, S, V, about, data)
     if cache is None:
         return None
-    # a round: rank r takes sequences lo + r*B .. lo + (r+1)*B - 1
+    # one batch per rank: rank r takes sequences lo + r*B .. lo + r*B + B-1
     for lo in range(cache.start, S, B * env.world):
         first = lo + env.rank * B
         seqs = list(range(first, min(first + B, S)))
@@ -402,14 +402,14 @@ def run_cache(cfg, env, loaded=None):
         if seqs:
             idx = get_batch(tokens, seqs, T, env)[0]
             part = cache_batch(teacher, idx, seqs, cfg, env)
-        # rank 0 appends all ranks' parts in sequence order, and commits
+        # .add: rank 0 appends all ranks' parts in sequence order, commits
         # (fsync, then meta.json) every commit_seconds
         cache.add(part, done=min(lo + B * env.world, S))
-    return cache.finish()  # tok/s, for the bench
+    return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader): reader(seqs) gives a batch's sparse targets (ids, w),
-    # each (B, T, K), checked first. The cache's meta says its format
+    # each (B, T, K), checked first (bench.py times checked=False too)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
@@ -499,8 +499,8 @@ def setup_train(cfg, env, ckpt):
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
     micro_steps = check_batching(cfg, env.world, S)  # per rank
-    # sparse targets come from the cache. The teacher runs for fullkd, or
-    # for the kl_teacher and spec_accept metrics if it is there
+    # sparse targets come from the cache. The teacher (None if not found)
+    # runs for fullkd, or for the metrics kl_teacher and spec_accept
     meta, reader = None, None
     if loss in {f['loss'] for f in FORMATS.values()}:
         meta, reader = open_cache(cfg, loss, tokens, V, env)
@@ -555,7 +555,7 @@ def run_train(cfg, env, ckpt=None):
         return loss / r.micro_steps
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    # every eval so far: in the checkpoint, which rewrites metrics.jsonl
+    # every eval so far (a resumed run takes them from its checkpoint)
     evals = start_metrics(metrics_path, ckpt) if env.master else []
 
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
@@ -572,7 +572,7 @@ def run_train(cfg, env, ckpt=None):
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            if due and not (ckpt and it == start):
+            if due and not (ckpt and it == start):  # (done before saving)
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 # a NaN model is never saved
                 check_val_loss(m['val_loss'], it, ckpt_path)
@@ -606,8 +606,8 @@ def run_train(cfg, env, ckpt=None):
                 loss = loss_fn(logits, batch)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # read the next batch while the GPU works (none at the end)
-                nxt = it * r.micro_steps + micro + 1
+                # read the next micro-batch while the GPU works (none at
+                nxt = it * r.micro_steps + micro + 1  # the very end)
                 last = nxt == cfg.max_iters * r.micro_steps
                 batch = None if last else r.fetch(nxt)
             if env.ddp:  # the mean over ranks (gloo has no AVG)

@@ -436,6 +436,18 @@ def read_rs_cache_with_numpy(d, seq):
     return dense
 
 
+def test_the_readme_reads_a_cache_with_numpy_alone(caches):
+    # the README's snippet, as written (NumPy 2: a uint8 length plus an offset must not overflow)
+    readme = open(os.path.join(HERE, 'README.md')).read()
+    code = readme[readme.index("```python\nimport json, numpy as np") + len("```python\n"):]
+    code = code[:code.index("```")].replace("'cache-rs/", repr(caches['rs'] + '/')[:-1])
+    scope = {}
+    exec(code, scope)
+    T, s, t = scope['T'], scope['s'], scope['t']
+    dense = read_rs_cache_with_numpy(caches['rs'], s)[t]
+    assert scope['target'] == {i: dense[i] for i in np.flatnonzero(dense)}
+
+
 def test_cache_files_follow_the_format(caches, data):
     d = caches['rs']
     meta = json.load(open(os.path.join(d, 'meta.json')))
