@@ -485,7 +485,8 @@ def main(argv=None):
         return
     rounds = argv[:1] == ['rounds']
     args = parse_args(rskd.Config, argv[rounds:], rskd.TEACHER, __doc__)
-    cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS)
+    cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
+                            rskd.OBJECTIVES)
     env = setup(cfg)
     with user_errors(cfg), folder_lock(cfg, env):
         (run_rounds if rounds else run_bench)(cfg, env)

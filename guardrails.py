@@ -9,7 +9,9 @@ ending in a traceback, and that a reader of the method need not see.
   the data's crc32, and each cache sequence's crc32 and values (checked per batch, and by --mode verify)
 - atomic writes, checkpoint and teacher loading (weights only: a file cannot run code), metrics.jsonl
   kept consistent with the checkpoint
-- the cache's files on disk: creation, resume truncation, commits with checksums
+- the cache's files on disk, as each rskd.FORMATS entry describes them: the writer (creation, resume
+  truncation, commits with checksums), the reader, the value checks that entries list, --mode verify
+- the sampling kernels behind rskd.py's targets: the float64 two-level CDF search, the grouped top-k
 - one run per output folder (an flock), the stop flag for Ctrl-C/SIGTERM, and one-line messages for
   the errors a user can cause
 
@@ -89,7 +91,7 @@ def parse_args(config_cls, argv, teacher_defaults, description):
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
 
-def resolve_config(config_cls, args, teacher_defaults, formats):
+def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
     """Config from the defaults (the teacher's in --mode teacher), a resumed run's saved config and the
     command line, in that order. Returns (cfg, the checkpoint to resume or None)."""
     mode = args.get('mode', config_cls.mode)
@@ -114,7 +116,11 @@ def resolve_config(config_cls, args, teacher_defaults, formats):
     if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
         args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
     cfg = config_cls(**{**base, **args})
-    if cfg.method not in formats:  # the cache methods are FORMATS's entries
+    for method in formats:  # a fork's broken entry is named here, whatever this run does
+        check_format(method, formats, config_cls, objectives)
+    if cfg.loss not in objectives:
+        raise RuntimeError(f"--loss {cfg.loss} has no OBJECTIVES entry: add its loss function there")
+    if mode == 'cache' and cfg.method not in formats:  # the cache methods are FORMATS's entries
         die(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(formats)}) (see --help)")
     if mode == 'cache':  # an option that another method records, given to this one, would do nothing
         own = formats[cfg.method]['meta']
@@ -594,7 +600,7 @@ def sums_to(option):
     return check
 
 
-def check_format(method, formats):
+def check_format(method, formats, config_cls=None, objectives=None):
     """A FORMATS entry holds every piece the pipeline uses, each file has a dtype, a width and value
     checks: whatever a fork leaves out stops here, named, before a cache is written or read."""
     fmt = formats[method]
@@ -602,16 +608,30 @@ def check_format(method, formats):
     missing = [k for k in FORMAT_KEYS if k not in fmt]
     if missing:
         raise RuntimeError(f"{where} has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
+    if objectives is not None and fmt['loss'] not in objectives:
+        raise RuntimeError(f"{where} trains with loss {fmt['loss']!r}, which has no OBJECTIVES entry")
+    for name, kind in fmt['meta'].items():
+        if name in CACHE_META:
+            raise RuntimeError(f"{where}: every cache records {name} already: drop it from its meta")
+        field = config_cls and config_cls.__dataclass_fields__.get(name)
+        if config_cls and (not field or field.type is not kind):
+            raise RuntimeError(f"{where}: its meta option {name} ({kind.__name__}) needs a Config field "
+                               f"of the same type")
     for name, spec in fmt['files'].items():
         if not isinstance(spec, tuple) or len(spec) != 3:
             raise RuntimeError(f"{where}: file '{name}' must be (dtype, per, checks)")
         dtype, per, checks = spec
-        if not checks or not all(callable(c) for c in checks):
+        if not isinstance(checks, (list, tuple)) or not checks or not all(callable(c) for c in checks):
             raise RuntimeError(f"{where}: file '{name}' has no value checks: list what its values must satisfy "
                                f"(in_vocab, positive, ... in guardrails.py, or a function of your own)")
-        if per not in ('position', 'entry') and per not in fmt['meta']:
+        if dtype != 'ids':
+            try:
+                np.dtype(dtype)
+            except TypeError:
+                raise RuntimeError(f"{where}: file '{name}' has dtype {dtype!r}, which numpy does not know")
+        if per not in ('position', 'entry') and fmt['meta'].get(per) is not int:
             raise RuntimeError(f"{where}: file '{name}' has per={per!r}: use 'position', 'entry' or an "
-                               f"option of its meta")
+                               f"int option of its meta")
         if name in ('seq_offsets', 'checksums', 'meta'):
             raise RuntimeError(f"{where}: '{name}' is a file of every cache: give yours another name")
     ragged = fmt['ragged']
@@ -632,7 +652,8 @@ class RecordedOptions(SimpleNamespace):
 def recorded_options(cfg, fmt):
     """The options a cache's target function may read: exactly those its meta.json records (its
     FORMATS entry's 'meta'), so that no option that shapes a cache goes unrecorded."""
-    return RecordedOptions(**{name: getattr(cfg, name) for name in fmt['meta']})
+    common = ('seed', 'block_size', 'split')  # (every cache records these)
+    return RecordedOptions(**{name: getattr(cfg, name) for name in (*common, *fmt['meta'])})
 
 
 def cache_files(meta, formats):
@@ -687,20 +708,22 @@ def sequence_crcs(arrays, units, meta, seqs, base):
     return crcs
 
 
-def check_values(meta, fmt, rows):
-    """The format's value checks on a batch's rows (name -> numpy array): True if every one holds."""
+def failed_check(meta, fmt, rows):
+    """The format's value checks on a batch's rows (name -> numpy array): None if every one holds,
+    else which one failed."""
     for name, (_, per, checks) in fmt['files'].items():
         values = rows[name]
         if per == 'entry':  # ragged: each position's count of entries is in fmt['ragged']
             counts = rows[fmt['ragged']].astype(np.int64)
             if counts.sum() != len(values):
-                return False
+                return f"the count of '{name}' ({fmt['ragged']})"
             starts = np.cumsum(counts) - counts
         else:
             starts = np.arange(0, len(values), width(meta, per))
-        if not all(check(values, starts, meta) for check in checks):
-            return False
-    return True
+        for check in checks:
+            if not check(values, starts, meta):
+                return f"{check.__name__} of '{name}'"
+    return None
 
 
 def damaged(cache_dir, seqs):
@@ -735,7 +758,7 @@ def read_cache_meta(cache_dir, formats):
             method = json.load(f).get('method')
         except (ValueError, AttributeError):
             die(f"{path} is not valid JSON: delete {cache_dir} and rerun --mode cache")
-    if method not in formats:
+    if not isinstance(method, str) or method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: delete {cache_dir} and rerun --mode cache")
     fmt = check_format(method, formats)
     meta = read_json(path, {**CACHE_META, **fmt['meta']}, "rerun --mode cache")
@@ -767,7 +790,7 @@ def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
         if size != n * np.dtype(dt).itemsize and not (tail_ok and size > n * np.dtype(dt).itemsize):
             die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; delete it "
                 f"and make it again with --mode cache")
-        mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,))
+        mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,)) if n else np.zeros(0, dt)
     return mm
 
 
@@ -792,12 +815,12 @@ def bad_sequences(mm, units, meta, fmt, seqs, rows):
     """The sequences of seqs whose bytes fail their checksum or whose values fail the format's checks."""
     crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
     bad = {s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]}
-    if not bad and not check_values(meta, fmt, rows):  # find which, one by one
-        bad = {s for s in seqs if not check_values(meta, fmt, read_rows(mm, units, meta, [s]))}
+    if not bad and failed_check(meta, fmt, rows):  # find which, one by one
+        bad = {s for s in seqs if failed_check(meta, fmt, read_rows(mm, units, meta, [s]))}
     elif bad:
         whole = [s for s in seqs if s not in bad]
-        if whole and not check_values(meta, fmt, read_rows(mm, units, meta, whole)):
-            bad |= {s for s in whole if not check_values(meta, fmt, read_rows(mm, units, meta, [s]))}
+        if whole and failed_check(meta, fmt, read_rows(mm, units, meta, whole)):
+            bad |= {s for s in whole if failed_check(meta, fmt, read_rows(mm, units, meta, [s]))}
     return sorted(bad)
 
 
@@ -888,14 +911,14 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
     when the cache is complete already, else a CacheWriter."""
     fmt = check_format(cfg.method, formats)
     for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
-        if getattr(cfg, per) > V:  # (--k: no more ids per position than the vocabulary has)
-            die(f"--{per} must be at most the vocabulary size {V}, got {getattr(cfg, per)}")
+        if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids per position than the vocabulary has)
+            die(f"--{per} must be 1 to the vocabulary size {V}, got {getattr(cfg, per)}")
     meta = dict(format='rskd-cache', version=2, method=cfg.method, vocab_size=V, block_size=cfg.block_size,
                 num_seqs=S, seed=cfg.seed, split=cfg.split, teacher=teacher, data=data,
                 ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
                 device_name=env.name, batch_size=cfg.batch_size, torch=torch.__version__,
                 complete=False, seqs_done=0, entries=0)
-    meta.update(vars(recorded_options(cfg, fmt)))  # the options its target sees
+    meta.update({name: getattr(cfg, name) for name in fmt['meta']})  # the options its target reads
     meta = resume_cache(cfg.cache_dir, meta, formats, env)  # its saved progress; refuses another cache
     return None if meta['complete'] else CacheWriter(cfg, env, meta, formats)
 
@@ -913,20 +936,39 @@ class CacheWriter:
         T = meta['block_size']
         self.progress = progress_printer('cache', 'positions', self.start * T, meta['num_seqs'] * T)
 
-    def add(self, part, done):
-        """part: this rank's target dict (None if the round left it no sequence); done: the sequences
-        finished once every rank's part of this round is in."""
+    def add(self, part, seqs, done):
+        """part: the target's dict for this rank's sequences seqs (None if it has none); done: the
+        sequences finished once every rank's part of this round is in."""
         if part is not None:
-            if set(part) != set(self.fmt['files']):  # a fork's target and its table disagree
-                raise RuntimeError(f"{self.meta['method']}: its target function must return exactly its files "
-                                   f"{sorted(self.fmt['files'])}, not {sorted(part)}")
-            part = {name: t.cpu().numpy().reshape(-1).astype(self.units[name][0]) for name, t in part.items()}
+            part = self.checked(part, len(seqs))
         self.pending += gather_on_master(part, self.env)  # rank 0 gets all, in rank order = sequence order
         due = done == self.meta['num_seqs'] or time.time() - self.committed >= self.cfg.commit_seconds
         if self.env.master and due:
             commit_chunk(self.handles, self.pending, self.meta, done, self.cfg.cache_dir, self.fmt)
             self.pending, self.committed = [], time.time()
             self.progress(self.meta['seqs_done'] * self.meta['block_size'])
+
+    def checked(self, part, n):
+        """The target's tensors as the files' numpy arrays, after checking them against the entry: a
+        fork's target that returns other files, sizes or values than its entry says is named here."""
+        where, T = f"FORMATS['{self.meta['method']}']: its target", self.meta['block_size']
+        if set(part) != set(self.fmt['files']) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+            raise RuntimeError(f"{where} must return exactly its files {sorted(self.fmt['files'])} as tensors, "
+                               f"not {sorted(part)}")
+        raw = {name: t.detach().cpu().numpy().reshape(-1) for name, t in part.items()}
+        arrays = {name: a.astype(self.units[name][0]) for name, a in raw.items()}
+        for name, (_, per, _) in self.fmt['files'].items():
+            want = int(arrays[self.fmt['ragged']].sum()) if per == 'entry' else n * T * width(self.meta, per)
+            if len(arrays[name]) != want:
+                raise RuntimeError(f"{where} gave {len(arrays[name])} values of '{name}' for {n} sequences, "
+                                   f"not {want}")
+            if arrays[name].dtype.kind in 'ui' and not np.array_equal(arrays[name], raw[name]):
+                raise RuntimeError(f"{where} gave values of '{name}' that its dtype {arrays[name].dtype} "
+                                   f"cannot hold")
+        failed = failed_check(self.meta, self.fmt, arrays)
+        if failed:
+            raise RuntimeError(f"{where} gave values that {failed} refuses")
+        return arrays
 
     def finish(self):
         return finish_cache(self.handles, self.meta, self.cfg.cache_dir, self.start, self.t0, self.env)
@@ -1058,7 +1100,11 @@ def invert_cdf(p, points, group_size=16):
     V = p.shape[-1]
     mass = group_reduce(p, 'sum', group_size)  # (rows, G)
     cdf = mass.cumsum(-1, dtype=torch.float64)
-    points = points * cdf[:, -1:]  # (rows, N)
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & (total < math.inf)).all()):  # nothing to draw from (one sync)
+        die("a row to sample has no finite mass: the teacher's probabilities are not finite, or a "
+            "--proposal_temperature far from 1 underflowed them; use one closer to 1")
+    points = points * total  # (rows, N)
     group = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # the first cdf >= point
     cols = group_members(group, V, group_size)  # (rows, N, members)
     vals = p.gather(-1, cols.clamp(max=V - 1).flatten(1)).view(cols.shape).double()

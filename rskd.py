@@ -404,7 +404,7 @@ def run_cache(cfg, env, loaded=None):
             part = cache_batch(teacher, idx, seqs, cfg, env)
         # .add: rank 0 appends all ranks' parts in sequence order, commits
         # (fsync, then meta.json) every commit_seconds
-        cache.add(part, done=min(lo + B * env.world, S))
+        cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
@@ -643,7 +643,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(Config, argv, TEACHER, __doc__)
     # defaults < a resumed run's config < the command line
-    cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS)
+    cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
     env = setup(cfg)
     # a user's error or full disk: one line, finished work kept; one run
     # per folder; DDP torn down cleanly

@@ -11,6 +11,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -862,6 +863,50 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
         capsys, *cache_args(data, teacher, tmp_path / 'c5', '--method', 'top1', '--k', 3))
 
 
+def fork_mistakes():
+    """name -> (a FORMATS entry 'bad' made from rs with one mistake, the words that must name it)."""
+    rs = rskd.FORMATS['rs']
+
+    def edited(edit):  # rs's target, its output edited
+        def target(probs, cfg, gens):
+            return edit(rskd.rs_target(probs, cfg, gens))
+        return dict(rs, target=target)
+    return {
+        'no loss': ({k: v for k, v in rs.items() if k != 'loss'}, "FORMATS['bad'] has no loss"),
+        'a loss without an objective': (dict(rs, loss='mykd'), "loss 'mykd', which has no OBJECTIVES entry"),
+        'an option of another type': (dict(rs, meta=dict(rounds=float, sampler=str)), 'needs a Config field of the same type'),
+        'an option every cache records': (dict(rs, meta=dict(rounds=int, sampler=str, seed=int)), 'every cache records seed already'),
+        'an unknown dtype': (dict(rs, files=dict(rs['files'], counts=('uint9', 'entry', [guardrails.at_least_1]))), "dtype 'uint9'"),
+        'checks that are no list': (dict(rs, files=dict(rs['files'], counts=('uint8', 'entry', guardrails.at_least_1))), "file 'counts' has no value checks"),
+        'a width from a text option': (dict(rs, files=dict(rs['files'], lengths=('uint8', 'sampler', [guardrails.at_least_1]))), "per='sampler'"),
+        'numpy, not tensors': (edited(lambda out: {k: v.numpy() for k, v in out.items()}), 'as tensors'),
+        'a file one value short': (edited(lambda out: dict(out, counts=out['counts'][:-1])), "values of 'counts' for 4 sequences"),
+        'ids its dtype cannot hold': (edited(lambda out: dict(out, ids=out['ids'] - 1)), "values of 'ids' that its dtype uint16 cannot hold"),
+        'values its checks refuse': (edited(lambda out: dict(out, counts=out['counts'] * 2)), "sums_to_rounds of 'counts'"),
+    }
+
+
+@pytest.mark.parametrize('case', list(fork_mistakes()))
+def test_a_forks_mistake_is_named(case, tmp_path, data, teacher, monkeypatch):
+    # whatever a fork gets wrong in its entry or its target stops the run with a message that names it,
+    # before a step of data is written
+    entry, words = fork_mistakes()[case]
+    monkeypatch.setitem(rskd.FORMATS, 'bad', entry)
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'bad', '--max_seqs', 8))
+    meta = tmp_path / 'c' / 'meta.json'
+    assert not meta.exists() or json.load(open(meta))['seqs_done'] == 0
+
+
+def test_verify_a_cache_with_nothing_committed(tmp_path, data, teacher, capsys):
+    # a cache stopped before its first commit: verify says so, and finds nothing damaged
+    with pytest.raises(SystemExit):  # (a proposal that underflows stops it before its first batch)
+        run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'is', '--proposal_temperature', 60))
+    capsys.readouterr()
+    run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY)
+    assert 'is intact: 0 sequences (so far)' in capsys.readouterr().out
+
+
 def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsys):
     # the script behind RESULTS.md's tables, on fake runs: two seeds of each row, and their caches
     import bench
@@ -1044,7 +1089,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'rounds 0': (lambda: [*cache, '--rounds', 0], '--rounds must be 1..255'),
         'rounds 256': (lambda: [*cache, '--rounds', 256], '--rounds must be 1..255'),
         'k 0': (lambda: [*cache, '--method', 'topk', '--k', 0], '--k must be at least 1'),
-        'k > vocab': (lambda: [*cache, '--method', 'topk', '--k', 98], 'at most the vocabulary size 97'),
+        'k > vocab': (lambda: [*cache, '--method', 'topk', '--k', 98], 'must be 1 to the vocabulary size 97'),
         'unknown loss': (lambda: [*train, '--loss', 'mse'], "invalid choice: 'mse'"),
         'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
         'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
@@ -1074,6 +1119,8 @@ def bad_inputs(tmp, data, teacher, caches):
         'zero proposal_temperature': (lambda: [*cache, '--method', 'is', '--proposal_temperature', 0], '--proposal_temperature must be a positive number'),
         'tau without --method is': (lambda: [*cache, '--proposal_temperature', 0.8], '--proposal_temperature is an option of --method is, not rs'),
         'k for an rs cache': (lambda: [*cache, '--k', 4], '--k is an option of --method topk, not rs'),
+        'tau that underflows': (lambda: [*cache, '--method', 'is', '--proposal_temperature', 60], 'has no finite mass'),
+        'cache meta with a list for method': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', method=['rs']))], "has method ['rs']"),
         'negative seed': (lambda: [*train, '--seed', -1], '--seed must be between 0 and 2**64'),
         'huge seed': (lambda: [*train, '--seed', 10 ** 20], '--seed must be between 0 and 2**64'),
         'model too big': (lambda: [*train, '--cache_dir', caches['rs'], '--n_layer', 200, '--n_embd', 16384], 'needs about'),
