@@ -165,7 +165,7 @@ def is_target(probs, cfg, gens):
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids and probabilities, NOT
     # renormalised (vanilla Top-K): the student never hears of the tail
-    # and grows over-confident. (top_k: torch.topk's values, but faster)
+    # and grows over-confident. (top_k: as torch.topk, but faster)
     top = [top_k(chunk, cfg.k) for (chunk,) in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
@@ -318,8 +318,8 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # sorted; rows need not sum to 1. A point u in (0, 1] picks the token
     # i whose CDF interval (cdf[i-1], cdf[i]] holds u * sum(p): token i
     # with probability p_i / sum(p). multinomial: N uniform points.
-    # systematic: ONE uniform u per row and the points (j + 1 - u) / N,
-    # j < N: E[c_i] = N p_i still, but each c_i is floor or ceil of N p_i
+    # systematic: ONE uniform u per row and the points (j - u) / N,
+    # j = 1..N: E[c_i] = N p_i still, but each c_i is floor or ceil of N p_i
     B, T, V = probs.shape
     width = rounds if sampler == 'multinomial' else 1
     f64 = dict(dtype=torch.float64, device=probs.device)
@@ -606,8 +606,8 @@ def run_train(cfg, env, ckpt=None):
                 loss = loss_fn(logits, batch)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # read the next micro-batch while the GPU works (none at
-                nxt = it * r.micro_steps + micro + 1  # the very end)
+                # prefetch micro-batch nxt while the GPU works (none at the end)
+                nxt = it * r.micro_steps + micro + 1
                 last = nxt == cfg.max_iters * r.micro_steps
                 batch = None if last else r.fetch(nxt)
             if env.ddp:  # the mean over ranks (gloo has no AVG)
