@@ -125,7 +125,8 @@ def sparse_targets(method, probs, cfg, seqs, env):
     ids, w = fmt['weights'](stored, vars(options))
     if fmt['ragged']:
         ids, w = rskd.pad_rows(stored[fmt['ragged']], ids, w)
-    return ids.view(B, T, -1), w.view(B, T, -1), len(stored['ids']) / (B * T) if fmt['ragged'] else ids.shape[-1]
+    unique = stored[fmt['ragged']].sum().item() / (B * T) if fmt['ragged'] else ids.shape[-1]  # (any fork's files)
+    return ids.view(B, T, -1), w.view(B, T, -1), unique
 
 
 def bench_fidelity(cfg, env, teacher, student, idx, seqs, labels, sweep=()):
