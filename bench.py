@@ -14,7 +14,6 @@ same batches, and the ratio is taken pair by pair.
 """
 import copy
 import glob
-import json
 import math
 import os
 import re
@@ -28,8 +27,8 @@ import numpy as np
 import torch
 
 import rskd
-from guardrails import (die, folder_lock, load_checkpoint, load_teacher, parse_args, recorded_options,
-                        resolve_config, setup, user_errors, write_json)
+from guardrails import (die, entry_point, folder_lock, load_checkpoint, load_teacher, output_folder, parse_args,
+                        read_json, read_metrics, recorded_options, resolve_config, setup, write_json)
 from model import GPT, GPTConfig
 
 TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass
@@ -433,14 +432,12 @@ SEEDS = (1, 2)
 
 
 def last_eval(run):
-    with open(os.path.join(run, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f][-1]
+    return read_metrics(os.path.join(run, 'metrics.jsonl'))[-1]
 
 
 def cache_size(cache):
     """'bytes per position (unique ids)' of a cache folder."""
-    with open(os.path.join(cache, 'meta.json')) as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(cache, 'meta.json'), "make the cache again")
     P = meta['num_seqs'] * meta['block_size']
     size = f"{sum(map(os.path.getsize, glob.glob(os.path.join(cache, '*.bin')))) / P:.1f}"
     ragged = rskd.FORMATS.get(meta['method'], {}).get('ragged')
@@ -448,8 +445,7 @@ def cache_size(cache):
 
 
 def print_tables(rows=ROWS, seeds=SEEDS):
-    with open(os.path.join('out', 'bench.json')) as f:
-        step = json.load(f)['step_ratio_vs_ce']
+    step = read_json(os.path.join('out', 'bench.json'), "run the bench again")['step_ratio_vs_ce']
     missing = [r[0] for r in rows if not all(os.path.isdir(f'out-{r[1]}-{seed}') for seed in seeds)]
     rows = [r for r in rows if r[0] not in missing]
     if missing:
@@ -481,16 +477,16 @@ def print_tables(rows=ROWS, seeds=SEEDS):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['tables']:
-        print_tables()
-        return
-    rounds = argv[:1] == ['rounds']
-    args = parse_args(rskd.Config, argv[rounds:], rskd.TEACHER, __doc__)
-    cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
-                            rskd.OBJECTIVES)
-    env = setup(cfg)
-    with user_errors(cfg), folder_lock(cfg, env):
-        (run_rounds if rounds else run_bench)(cfg, env)
+    with entry_point():  # one line for any error, an honest exit status
+        if argv[:1] == ['tables']:
+            return print_tables()
+        rounds = argv[:1] == ['rounds']
+        args = parse_args(rskd.Config, argv[rounds:], rskd.TEACHER, __doc__)
+        cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
+                                rskd.OBJECTIVES)
+        env = setup(cfg)
+        with folder_lock(output_folder(cfg, env)):
+            (run_rounds if rounds else run_bench)(cfg, env)
 
 
 if __name__ == '__main__':

@@ -18,15 +18,16 @@ ending in a traceback, and that a reader of the method need not see.
 Every function that finds a problem the user can fix calls die(): one line that says what to do, exit 1.
 """
 import argparse
-import errno
 import fcntl
 import gc
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -103,7 +104,6 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
             die(f"{ckpt_path} is a folder, not a checkpoint: move it away or use another --out_dir")
         if args.get('resume'):  # the saved run's config, then whatever this command line changes
             ckpt = load_checkpoint(ckpt_path)
-            ckpt['loaded_mtime'] = os.stat(ckpt_path).st_mtime_ns  # (folder_lock checks it is still so)
             base.update({k: v for k, v in ckpt['config'].items() if k in config_cls.__dataclass_fields__})
             changed = [k for k in RESUME_FIXED if k in args and args[k] != base.get(k)]
             if changed:
@@ -130,7 +130,32 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
                 die(f"--{name} is an option of --method {' or '.join(others)}, not {cfg.method}: drop it, "
                     f"or pass --method {others[0]}")
     check_config(cfg, {f['loss'] for f in formats.values()})
-    return cfg, ckpt
+    return cache_decides(cfg, args, formats), ckpt
+
+
+def cache_decides(cfg, args, formats):
+    """In training, the options that shape a cache are the cache's:
+    taken from it and printed; refused where the command line says
+    otherwise, or where the run reads no cache."""
+    options = {'method', 'split'}.union(*(f['meta'] for f in formats.values()))
+    given = sorted(options & set(args))
+    if cfg.mode not in ('teacher', 'train'):
+        return cfg
+    if cfg.mode == 'teacher' or cfg.loss not in {f['loss'] for f in formats.values()}:
+        if given:
+            die(f"--{given[0]} shapes a cache, and this run reads none: drop it")
+        return cfg
+    if not os.path.isfile(os.path.join(cfg.cache_dir, 'meta.json')):
+        return cfg  # (the run says so, once it has checked its data)
+    meta = read_cache_meta(cfg.cache_dir, formats)
+    taken = {k: meta[k] for k in ('method', *formats[meta['method']]['meta'])}
+    for k in given:
+        if k not in taken or taken[k] != args[k]:
+            die(f"--{k} {args[k]}: a training run takes its targets' options from the cache, "
+                f"and {cfg.cache_dir} was made with {k} {taken.get(k, '(none)')}: drop --{k}")
+    if os.environ.get('RANK', '0') == '0':
+        print(f"from {cfg.cache_dir}: " + ', '.join(f"{k} {v}" for k, v in taken.items()))
+    return replace(cfg, **taken)
 
 
 def check_config(cfg, cached_losses):
@@ -145,8 +170,8 @@ def check_config(cfg, cached_losses):
     folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in cached_losses else []
     for name in folders:
         path = getattr(cfg, name)
-        if os.path.exists(path) and not os.path.isdir(path):
-            die(f"--{name} {path} is a file, not a folder: pass a folder")
+        if not path or (os.path.lexists(path) and not os.path.isdir(path)):
+            die(f"--{name} {path!r} is not a folder (a file, a broken link or nothing): pass a folder")
     if not 1 <= cfg.rounds <= 255:
         die(f"--rounds must be 1..255 (counts are stored as uint8), got {cfg.rounds}")
     for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd',
@@ -244,17 +269,57 @@ def check_batching(cfg, world, S):
 # JSON files and the data
 
 
-def read_json(path, schema, what):
-    """Parse a meta.json and check it field by field against schema (name -> type or nested schema)."""
+def read_json(path, what, schema=None):
+    """A JSON file of ours: its checksum checked (like every file
+    rskd reads back), then its fields against schema, if given."""
     if not os.path.isfile(path):
-        die(f"{path} {'is a folder, not a file' if os.path.isdir(path) else 'not found'}: {what}")
+        gone = 'is a folder, not a file' if os.path.isdir(path) else 'not found'
+        die(f"{path} {gone}: {what}")
+    with open(path, 'rb') as f:
+        d = checked_json(f.read(), path, what)
+    return check_fields(d, schema, path, what) or d if schema else d
+
+
+def checked_json(text, where, what):
     try:
-        with open(path) as f:
-            d = json.load(f)
-    except (ValueError, UnicodeDecodeError):
-        die(f"{path} is not valid JSON: {what}")
-    check_fields(d, schema, path, what)
+        d = json.loads(text)
+        crc = d.pop('crc32')
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError):
+        crc = d = None
+    if crc != digest(d):
+        die(f"{where} does not match its checksum (damaged, or not written "
+            f"by this version of rskd): {what}")
     return d
+
+
+def dumps(d, indent=None):
+    """d as JSON that carries its own crc32, as every JSON rskd writes."""
+    d = json.loads(json.dumps(d))  # (the values as a reader will see them)
+    return json.dumps(dict(d, crc32=digest(d)), indent=indent)
+
+
+def read_metrics(path):
+    """A metrics.jsonl's records, each checked against its crc32."""
+    with open(path, 'rb') as f:
+        return [checked_json(line, f"{path} line {i}", "it is damaged")
+                for i, line in enumerate(f, 1)]
+
+
+def digest(obj, crc=0):
+    """crc32 of obj's contents (dicts, lists, tensors, numbers, text), in
+    order: every file rskd writes records it, every read checks it."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            crc = digest(v, zlib.crc32(repr(k).encode(), crc))
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            crc = digest(v, crc)
+    elif isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().view(-1)
+        crc = zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    else:
+        crc = zlib.crc32(repr(obj).encode(), crc)
+    return crc
 
 
 def check_fields(d, schema, where, what=''):
@@ -287,7 +352,7 @@ def gather_on_master(obj, env):
 def check_data(data_dir, split, T, max_seqs, env):
     """DATA_DIR/split.bin's path, the number of its tokens to use and the vocabulary size, after checking
     meta.json, the file's size, that it holds at least one block, and that every token is below V."""
-    meta = read_json(os.path.join(data_dir, 'meta.json'), DATA_META, "run prepare_data.py first")
+    meta = read_json(os.path.join(data_dir, 'meta.json'), "run prepare_data.py", DATA_META)
     path, V = os.path.join(data_dir, f'{split}.bin'), meta['vocab_size']
     if not os.path.isfile(path):
         die(f"{path} {'is a folder, not a file' if os.path.isdir(path) else 'not found'}: rerun prepare_data.py")
@@ -334,92 +399,104 @@ def data_fingerprint(tokens, path, env):
         h.update(tokens[i:i + (1 << 26)].tobytes())
     return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=h.hexdigest())
 
+
+@contextmanager
+def replaced(path):
+    """A temp file beside path, renamed over it (fsync'd) when the
+    block ends, removed if it fails: a reader sees the old file or the
+    new one, never half of one."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'wb') as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        os.fsync(folder)  # the rename, durable too
+        os.close(folder)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            e.filename = path
+        raise
+
+
+def write_bytes(data, path):
+    need, free = len(data), shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if need > free:  # (the old file stays until the new one is whole)
+        die(f"saving {path} needs {need / 1e6:,.0f} MB free beside the last "
+            f"saved one, the disk has {free / 1e6:,.0f} MB: free space and rerun")
+    with replaced(path) as f:
+        f.write(data)
+
 # -----------------------------------------------------------------------------
 # atomic writes, checkpoints and teachers
 
 
-def save_atomic(write, path):
-    """write(file) into a temp file, then rename: a reader sees the old file or the new one, never half."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the rename, durable too
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if e.errno == errno.ENOSPC:
-            die(f"the disk is full while writing {path}; the previous version is intact. Free space and rerun")
-        raise
-
-
 def write_json(d, path):
-    data = json.dumps(d, indent=1).encode()
-
-    def write(f):
-        f.write(data)
-    save_atomic(write, path)
+    write_bytes(dumps(d, indent=1).encode(), path)
 
 
 def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config, evals):
-    """Everything an exact resume needs, atomically: the plain model (no compile/DDP prefixes), the
-    optimizer's moments, the scaler, the RNG, the step and the config; and every eval record so far,
-    from which a resume rebuilds metrics.jsonl (so a kill between the two loses no line)."""
+    """Everything an exact resume needs, and its crc32: the plain model,
+    the optimizer's moments, the scaler, the RNG, the step, the config
+    and every eval so far (a resume rebuilds metrics.jsonl from them).
+    Serialised in memory first: a full disk is then an OSError."""
     state = dict(model=model.state_dict(), model_config=asdict(model.config),
-                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=torch.get_rng_state(),
-                 iter_num=it, seqs_seen=it * config['batch_size'] * config['gradient_accumulation_steps'],
-                 best_val_loss=best_val_loss, config=config, evals=evals)
+                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 rng=torch.get_rng_state(), iter_num=it, best_val_loss=best_val_loss,
+                 config=config, evals=evals)
+    state['crc32'] = digest(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(buffer.getbuffer(), path)
 
-    def write(f):
-        torch.save(state, f)
-    save_atomic(write, path)
 
-
-def restore(ckpt, model, optimizer, scaler, data):
-    """Load a checkpoint's state into a new run; returns (iteration, best val loss). The run must
-    train on the tokens the saved one did (data: their fingerprint)."""
-    saved = ckpt['config'].get('data', data)
-    if (saved['n_tokens'], saved['sha256']) != (data['n_tokens'], data['sha256']):
-        die(f"the run in {ckpt['config']['out_dir']} trained on other data ({saved['n_tokens']:,} tokens of "
-            f"{saved['path']}, now {data['n_tokens']:,} of {data['path']}): resume it on its own --data_dir")
+def restore(ckpt, model, optimizer, scaler, inputs, cfg):
+    """Load a checkpoint into a new run: (iteration, best val loss).
+    The run must read the inputs the saved one did (data, cache,
+    teacher: each {path, sha256})."""
+    path = ckpt['path']
+    for kind, now in inputs.items():
+        was = ckpt['config'].get('inputs', {}).get(kind)
+        if was and now and was['sha256'] != now['sha256']:
+            die(f"{path} was trained with other {kind} ({was.get('path') or was['name']}) than "
+                f"this run's {now.get('path') or now['name']}: resume it with its own {kind}")
     try:
         model.load_state_dict(ckpt['model'])
-    except RuntimeError:
-        die(f"the checkpoint in {ckpt['config']['out_dir']} holds a model of another shape or vocabulary")
-    optimizer.load_state_dict(ckpt['optimizer'])
-    if ckpt['scaler']:  # empty when the saved run had no scaler (bfloat16, float32): start a new one
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (RuntimeError, ValueError, KeyError):
+        die(f"{path} holds a model of another shape or vocabulary")
+    if ckpt['scaler']:  # empty when the saved run had none (bf16, fp32)
         scaler.load_state_dict(ckpt['scaler'])
     torch.set_rng_state(ckpt['rng'])
+    if ckpt['iter_num'] >= cfg.max_iters:
+        print(f"note: {path} is at iter {ckpt['iter_num']}, --max_iters is "
+              f"{cfg.max_iters}: nothing to train; raise --max_iters to go on")
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 
 def start_metrics(metrics_path, ckpt):
-    """The eval records so far: none for a new run, which starts an empty metrics.jsonl; a resumed
-    run's from its checkpoint, and metrics.jsonl rewritten to hold exactly those (whatever a kill
-    left after the checkpoint, or before a line was appended)."""
-    os.makedirs(os.path.dirname(metrics_path) or '.', exist_ok=True)
-    evals = ckpt.get('evals', []) if ckpt else []
-    if ckpt and 'evals' not in ckpt and os.path.isfile(metrics_path):  # a checkpoint of an older rskd
-        with open(metrics_path) as f:
-            lines = [json.loads(line) for line in f if line.strip().endswith('}')]
-        evals = [r for r in lines if r.get('iter', math.inf) <= ckpt['iter_num']]
-    data = ''.join(json.dumps(record) + '\n' for record in evals).encode()
-
-    def write(f):
-        f.write(data)
-    save_atomic(write, metrics_path)
+    """The evals so far, and metrics.jsonl rewritten to hold exactly
+    those: none for a new run; a resumed run's from its checkpoint
+    (whatever a kill left after it, or before a line was appended)."""
+    evals = ckpt['evals'] if ckpt else []
+    write_bytes(''.join(dumps(e) + '\n' for e in evals).encode(), metrics_path)
     return list(evals)
+
+
+def last_good(ckpt_path):
+    if os.path.exists(ckpt_path):
+        return f"{ckpt_path} holds the last good state"
+    return "nothing was saved"
 
 
 def log_eval(metrics_path, record):
     """Append one eval's JSON line to metrics.jsonl (after its checkpoint is saved) and print it."""
     with open(metrics_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+        f.write(dumps(record) + '\n')
         f.flush()
         os.fsync(f.fileno())
     shown = ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept')
@@ -438,28 +515,35 @@ def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
 
 def check_val_loss(val_loss, it, ckpt_path):
     if not math.isfinite(val_loss):
-        die(f"the val loss is {val_loss} at iter {it}: not saved, {ckpt_path} holds the last good state")
+        die(f"the val loss is {val_loss} at iter {it}: not saved, {last_good(ckpt_path)}")
 
 
 def check_step(loss, grad_norm, scaled, it, ckpt_path):
-    """Stop before an update from a non-finite loss or gradient (fp16's GradScaler skips overflowed
-    steps by itself, so with it only the loss counts); the last checkpoint is the last good state."""
+    """Stop before an update from a non-finite loss or gradient (fp16's
+    GradScaler skips overflowed steps itself: then only the loss counts)."""
     if not math.isfinite(loss) or (not scaled and not math.isfinite(grad_norm)):
-        die(f"the loss became {loss} (gradient norm {grad_norm}) at iter {it}; stopped before the update, "
-            f"{ckpt_path} holds the last good state. Lower --learning_rate or check the data and cache")
+        die(f"the loss became {loss} (gradient norm {grad_norm}) at iter {it}; "
+            f"stopped before the update, {last_good(ckpt_path)}. Lower "
+            f"--learning_rate or check the data and cache")
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True: tensors, dicts and numbers only, a checkpoint cannot run code."""
+    """A checkpoint of ours, checked against its crc32. weights_only:
+    tensors, dicts and numbers only, so that a file cannot run code."""
     if not os.path.isfile(path):
-        die(f"checkpoint {path} not found: train it first (--mode teacher or --mode train) or fix the path")
+        die(f"checkpoint {path} not found: train it first (--mode teacher or "
+            f"--mode train) or fix the path")
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        crc = ckpt.pop('crc32')
+        assert {'model', 'model_config', 'config', 'iter_num'} <= set(ckpt)
     except Exception as e:
-        die(f"{path} is not a valid rskd checkpoint ({type(e).__name__}): it is corrupt or not ours")
-    if not isinstance(ckpt, dict) or not {'model', 'model_config', 'config', 'iter_num'} <= set(ckpt):
-        die(f"{path} is not an rskd checkpoint (missing model weights or config)")
-    return ckpt
+        die(f"{path} is not a valid rskd checkpoint ({type(e).__name__}): it "
+            f"is damaged or not ours")
+    if crc != digest(ckpt):
+        die(f"{path} does not match its checksum: it is damaged; use a copy, "
+            f"or train it again")
+    return dict(ckpt, path=path, loaded_mtime=os.stat(path).st_mtime_ns)
 
 
 def weights_sha256(model):
@@ -501,7 +585,7 @@ def load_teacher(name, vocab_size, block_size, env):
     if hf:
         try:
             model = GPT.from_pretrained(name)
-        except OSError as e:  # no network, or a folder without weights
+        except Exception as e:  # no network, no weights, damaged ones
             die(f"could not load the weights of Hugging Face teacher {name}: {first_line(e)}")
     else:
         try:
@@ -509,14 +593,16 @@ def load_teacher(name, vocab_size, block_size, env):
             model.load_state_dict(ckpt['model'])
         except (TypeError, RuntimeError):
             die(f"{name} does not hold the weights of a model.py GPT: it is not a teacher checkpoint")
+    if not all(bool(p.isfinite().all()) for p in model.parameters()):
+        die(f"teacher {name} has weights that are not finite: it is damaged")
     info = dict(name=name, sha256=weights_sha256(model))
     return model.to(env.device).to_teacher(env.dtype), info  # frozen; float32 logits
 
 
 def find_teacher(cfg, required, cache_meta, vocab_size, env):
-    """The cache's own teacher if it still exists, else --teacher (none in --mode teacher), or None
-    with a note when the run needs it only for metrics. A cache's teacher must be the one it was made
-    from."""
+    """(teacher, {name, sha256}): the cache's own teacher if it still exists, else --teacher (none in
+    --mode teacher); (None, None) with a note when the run needs it only for metrics. A cache's
+    teacher must be the one it was made from."""
     names = [cfg.teacher] if cfg.mode == 'train' else []
     if cache_meta:
         names = [cache_meta['teacher']['name'], cfg.teacher]
@@ -526,11 +612,11 @@ def find_teacher(cfg, required, cache_meta, vocab_size, env):
     if not found and not required:
         if names and env.master:
             print(f"note: teacher {names[-1]} not found, so no kl_teacher/spec_accept metrics")
-        return None
+        return None, None
     teacher, info = load_teacher((found or names)[0], vocab_size, block_size, env)
     if cache_meta and info['sha256'] != cache_meta['teacher']['sha256']:
         die(f"teacher {info['name']} is not the one {cache_dir} was made from: pass that one with --teacher")
-    return teacher
+    return teacher, info
 
 # -----------------------------------------------------------------------------
 # the cache on disk: meta.json, and the files that an entry of rskd.FORMATS describes. Nothing here
@@ -546,9 +632,6 @@ CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_siz
 # choice) and the torch version, so a cache resumed with others is exact but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries')
-# the options' valid values, for a cache's meta.json (an option without one needs only the right type)
-VALID_VALUES = dict(rounds=lambda r: 1 <= r <= 255, sampler=lambda s: s in ('multinomial', 'systematic'),
-                    k=lambda k: k >= 1, proposal_temperature=lambda tau: 0 < tau < math.inf)
 FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
 
 # The value checks a FORMATS entry lists for its files. Each takes (values, starts, meta): a batch's
@@ -747,36 +830,20 @@ def to_ranges(seqs):
 
 
 def read_cache_meta(cache_dir, formats):
-    """CACHE_DIR/meta.json, checked against the common schema and its method's own fields."""
+    """CACHE_DIR/meta.json, checked against its checksum, the common
+    schema and its method's own fields."""
     path = os.path.join(cache_dir, 'meta.json')
-    if os.path.isdir(path):
-        die(f"{path} is a folder, not a file: {cache_dir} is not a cache; pass another --cache_dir")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         die(f"no cache in {cache_dir}: make one with --mode cache --cache_dir {cache_dir}")
-    with open(path) as f:
-        try:
-            method = json.load(f).get('method')
-        except (ValueError, AttributeError):
-            die(f"{path} is not valid JSON: delete {cache_dir} and rerun --mode cache")
+    fix = "pass another --cache_dir, or make the cache again into an empty one"
+    meta = read_json(path, fix)
+    method = meta.get('method')
+    if meta.get('format') != 'rskd-cache' or meta.get('version') != 3:
+        die(f"{cache_dir} holds no cache of this version of rskd: {fix}")
     if not isinstance(method, str) or method not in formats:
-        die(f"{path} has method {method!r}, not {' or '.join(formats)}: delete {cache_dir} and rerun --mode cache")
+        die(f"{path} has method {method!r}, not {' or '.join(formats)}: {fix}")
     fmt = check_format(method, formats)
-    meta = read_json(path, {**CACHE_META, **fmt['meta']}, "rerun --mode cache")
-    if meta['version'] == 1:
-        die(f"{cache_dir} was made by an older rskd, before caches had checksums: make it again with --mode cache")
-    valid = (meta['format'] == 'rskd-cache' and meta['version'] == 2 and meta['ids_dtype'] in ('uint16', 'int32')
-             and 0 <= meta['seqs_done'] <= meta['num_seqs'])
-    valid = valid and meta['complete'] == (meta['seqs_done'] == meta['num_seqs'])
-    for k in fmt['meta']:
-        if k in VALID_VALUES and not VALID_VALUES[k](meta[k]):
-            valid = False
-    if valid:  # each position holds 1..255 entries, or a fixed number
-        widest = max([255] + [width(meta, per) for _, per, _ in fmt['files'].values() if per != 'entry'])
-        positions = meta['seqs_done'] * meta['block_size']
-        valid = positions <= meta['entries'] <= positions * widest
-    if not valid:
-        die(f"{path} holds values that rskd never writes: delete {cache_dir} and make the cache again")
-    return meta
+    return read_json(path, fix, {**CACHE_META, **fmt['meta']})
 
 
 def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
@@ -788,8 +855,8 @@ def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
         path = os.path.join(cache_dir, f'{name}.bin')
         size = os.path.getsize(path) if os.path.isfile(path) else -1
         if size != n * np.dtype(dt).itemsize and not (tail_ok and size > n * np.dtype(dt).itemsize):
-            die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; delete it "
-                f"and make it again with --mode cache")
+            die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; make "
+                f"it again with --mode cache into an empty --cache_dir")
         mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,)) if n else np.zeros(0, dt)
     return mm
 
@@ -832,6 +899,9 @@ def cache_reader(cfg, loss, V, data, formats, checked=True):
     check_cache_for_run(meta, cfg, loss, V, data, formats)  # complete, for this loss, T and data
     mm = cache_memmaps(cfg.cache_dir, meta, formats)  # each file's size checked against meta.json
     fmt, units = formats[meta['method']], cache_files(meta, formats)
+    about = hashlib.sha256(json.dumps({k: meta[k] for k in meta if k not in RECORDED}).encode())
+    about.update(mm['checksums'].tobytes())  # what a resume of the run compares
+    meta['identity'] = dict(name=os.path.abspath(cfg.cache_dir), sha256=about.hexdigest())
     ids = [name for name, (dtype, _, _) in fmt['files'].items() if dtype == 'ids']
 
     def read(seqs):
@@ -897,7 +967,7 @@ def resume_cache(cache_dir, meta, formats, env):
                   f"bit-identical to an uninterrupted cache (its draws are still exact)")
         if key not in PROGRESS + RECORDED and (a.get('sha256') != b['sha256'] if key in ('teacher', 'data') else a != b):
             die(f"{cache_dir} holds a cache made with a different {key} ({a} vs now {b}): use another "
-                f"--cache_dir, or delete it to start over")
+                f"--cache_dir, or move it away to start over")
     if old['complete']:
         cache_memmaps(cache_dir, old, formats)  # its files are whole
         if env.master:
@@ -913,7 +983,7 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
     for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
         if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids per position than the vocabulary has)
             die(f"--{per} must be 1 to the vocabulary size {V}, got {getattr(cfg, per)}")
-    meta = dict(format='rskd-cache', version=2, method=cfg.method, vocab_size=V, block_size=cfg.block_size,
+    meta = dict(format='rskd-cache', version=3, method=cfg.method, vocab_size=V, block_size=cfg.block_size,
                 num_seqs=S, seed=cfg.seed, split=cfg.split, teacher=teacher, data=data,
                 ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
                 device_name=env.name, batch_size=cfg.batch_size, torch=torch.__version__,
@@ -992,7 +1062,7 @@ def open_cache_files(cache_dir, meta, formats, env):
                 with open(path, 'r+b') as f:  # resume: cut any tail written after the last commit
                     f.truncate(n * np.dtype(dt).itemsize)
             else:
-                die(f"{path} is shorter than {meta_path} says: the cache is damaged; delete {cache_dir}")
+                die(f"{path} is shorter than {meta_path} says: the cache is damaged; make it again in an empty --cache_dir")
         if meta['seqs_done']:
             print(f"resuming {cache_dir} at sequence {meta['seqs_done']}/{meta['num_seqs']}")
         else:
@@ -1033,18 +1103,14 @@ def commit_chunk(handles, parts, meta, seqs_done, cache_dir, fmt):
             arrays[name].append(part[name])
         meta['entries'] += len(part[counted])
         first += n
-    try:
-        for name, (f, dt, _) in handles.items():
-            for a in arrays[name]:
-                data = memoryview(a.astype(dt).tobytes())
-                while data:  # an unbuffered write may take only part
-                    data = data[f.write(data):]
-        for f, _, _ in handles.values():
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        die(f"writing {cache_dir} failed ({e.strerror}); it is intact up to sequence {meta['seqs_done']}: "
-            f"free space and rerun the same command to resume")
+    for name, (f, dt, _) in handles.items():  # (a failed write: entry_point says so; a rerun cuts it off)
+        for a in arrays[name]:
+            data = memoryview(a.astype(dt).tobytes())
+            while data:  # an unbuffered write may take only part
+                data = data[f.write(data):]
+    for f, _, _ in handles.values():
+        f.flush()
+        os.fsync(f.fileno())
     meta['seqs_done'] = seqs_done
     meta['complete'] = seqs_done == meta['num_seqs']
     write_json(meta, os.path.join(cache_dir, 'meta.json'))
@@ -1191,42 +1257,104 @@ def stop_requested():
 
 
 def stop_everywhere(stop, env):
-    """True when any rank was asked to stop: under DDP every rank must stop at the same step."""
+    """The signal that asked some rank to stop, or 0: under DDP every
+    rank stops at the same step, with the same exit status."""
+    sig = stop[0] if stop else 0
     if env.ddp:
-        flag = torch.tensor(float(bool(stop)), device=env.device)
+        flag = torch.tensor(sig, device=env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-    return bool(stop)
+        sig = int(flag.item())
+    return sig
+
+
+def output_folder(cfg, env):
+    """The folder this rank writes (None: none): out_dir, or cache_dir
+    in cache and verify modes (verify only reads: read-only is fine)."""
+    folder = cfg.cache_dir if cfg.mode in ('cache', 'verify') else cfg.out_dir
+    if env.master and (cfg.mode != 'verify' or os.access(folder, os.W_OK)):
+        return folder
 
 
 @contextmanager
-def folder_lock(cfg, env, ckpt=None):
-    """One run at a time per output folder (out_dir; cache_dir in cache and verify modes): an flock on
-    FOLDER/.lock, held for the run. The OS drops it when its holder dies, so a killed run's lock file
-    never blocks the next one; the file keeps the pid of the run that holds it."""
-    folder = cfg.cache_dir if cfg.mode in ('cache', 'verify') else cfg.out_dir
-    read_only = cfg.mode == 'verify' and not (os.path.isdir(folder) and os.access(folder, os.W_OK))
-    if not env.master or read_only:  # (verify only reads: a cache on read-only media is fine)
+def folder_lock(folder, ckpt=None):
+    """One writer per folder (None: this rank writes none): an flock on
+    FOLDER/.lock, held for the run. The OS drops it when its holder
+    dies, so a killed run never blocks the next; the file keeps the
+    holder's pid. A folder that this run made and left empty goes."""
+    if folder is None:
         yield
         return
+    new = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, '.lock'), 'a+') as f:
+    lock = os.path.join(folder, '.lock')
+    with open(lock, 'a+') as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            die(f"{folder} is in use by another rskd run (process {f.read().strip() or '?'}): wait for it "
-                f"to finish, or use another folder")
+            die(f"{folder} is in use by another rskd run (process "
+                f"{f.read().strip() or '?'}): wait for it to finish, or use another folder")
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
-        if ckpt and os.stat(os.path.join(folder, 'ckpt.pt')).st_mtime_ns != ckpt['loaded_mtime']:
-            die(f"{folder}/ckpt.pt was saved by another run while this one started: run the command again")
+        if ckpt and os.stat(ckpt['path']).st_mtime_ns != ckpt['loaded_mtime']:
+            die(f"{ckpt['path']} was saved by another run while this one "
+                f"started: run the command again")
         try:
             yield
         finally:
-            f.truncate(0)  # (the lock itself goes with the file's close)
+            f.truncate(0)
+            if new and os.listdir(folder) == ['.lock']:
+                os.remove(lock)
+                os.rmdir(folder)
+
+
+class Interrupted(Exception):
+    """A signal reached the run: args (signal number[, what was saved])."""
+
+
+def interrupt(sig, frame):
+    INTERRUPTS.append(sig)
+    raise Interrupted(sig)
+
+
+@contextmanager
+def entry_point():
+    """Every entry point's error boundary. A user's mistake, a failing
+    disk or a signal ends in one line and an exit status that tells the
+    truth (1; 130 after Ctrl-C, 143 after SIGTERM), never a traceback.
+    Temp files go where they are made (replaced); work saved stays."""
+    INTERRUPTS.clear()
+    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            INTERRUPTS.append(signal.SIGINT)
+        if INTERRUPTS or isinstance(e, Interrupted):
+            sig = e.args[0] if isinstance(e, Interrupted) else INTERRUPTS[0]
+            saved = e.args[1] if isinstance(e, Interrupted) and len(e.args) > 1 else (
+                "work is kept up to the last save: rerun the same command to go on")
+            if os.environ.get('RANK', '0') == '0':
+                print(f"interrupted ({signal.Signals(sig).name}): {saved}", file=sys.stderr)
+            sys.exit(128 + sig)
+        if not isinstance(e, OSError):
+            raise
+        path = e.filename2 or e.filename  # (a rename's destination is filename2)
+        if isinstance(e, (IsADirectoryError, NotADirectoryError)):
+            what = 'a folder where rskd needs a file' if os.path.isdir(path) else 'not a folder'
+            die(f"{path} is {what}: move it away or pass another path")
+        die(f"{e.strerror or e}{': ' + str(path) if path else ''}: fix that and "
+            f"rerun the same command; work saved before is intact")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+INTERRUPTS = []  # signals received: whatever fails after one is part of the stop
 
 
 @contextmanager
@@ -1243,20 +1371,3 @@ def ddp_teardown(env):
             gc.collect()
             dist.destroy_process_group()
 
-
-@contextmanager
-def user_errors(cfg):
-    """Ctrl-C outside training's own handler, a full disk, a folder we may not write: one line each."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        die("interrupted" + (": rerun the same command to resume the cache" if cfg.mode == 'cache' else ""))
-    except (IsADirectoryError, NotADirectoryError) as e:  # a folder where a file belongs, or the reverse
-        path = e.filename2 or e.filename or '?'  # (a rename's destination is filename2)
-        what = 'a folder where rskd needs a file' if os.path.isdir(path) else 'not a folder where rskd needs one'
-        die(f"{path} is {what}: move it away or pass another path")
-    except OSError as e:  # anywhere not handled more precisely
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
-            raise
-        die(f"{e.strerror}: {e.filename or 'writing ' + (cfg.cache_dir if cfg.mode == 'cache' else cfg.out_dir)}; "
-            f"fix that and rerun the same command (finished work is kept)")

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guardrails import (
-    at_least_1, ascending, cache_reader, check_batching, check_data,
-    check_model_size, check_step, check_val_loss, data_fingerprint,
-    ddp_teardown, descending, die, find_teacher, folder_lock,
-    in_vocab, invert_cdf, load_teacher, log_eval, log_step, opt,
-    parse_args, positive, probability, recorded_options,
-    resolve_config, restore, save_checkpoint, setup, start_metrics,
-    stop_everywhere, stop_requested, sums_to, top_k, user_errors,
-    verify_cache, write_cache)
+    Interrupted, at_least_1, ascending, cache_reader, check_batching,
+    check_data, check_model_size, check_step, check_val_loss,
+    data_fingerprint, ddp_teardown, descending, die, entry_point,
+    find_teacher, folder_lock, in_vocab, invert_cdf, load_teacher,
+    log_eval, log_step, opt, output_folder, parse_args, positive,
+    probability, recorded_options, resolve_config, restore,
+    save_checkpoint, setup, start_metrics, stop_everywhere,
+    stop_requested, sums_to, top_k, verify_cache, write_cache)
 from model import GPT, GPTConfig  # GPT(idx): (B, T, V) logits, V real
 
 # ---------------------------------------------------------------
@@ -504,7 +504,7 @@ def setup_train(cfg, env, ckpt):
     meta, reader = None, None
     if loss in {f['loss'] for f in FORMATS.values()}:
         meta, reader = open_cache(cfg, loss, tokens, V, env)
-    teacher = find_teacher(cfg, loss == 'fullkd', meta, V, env)
+    teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
     check_model_size(cfg, V, env)  # before allocating it
     torch.manual_seed(stream_seed(cfg.seed, INIT))
     gpt = GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer,
@@ -514,9 +514,10 @@ def setup_train(cfg, env, ckpt):
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
-    # exact resume: weights, moments, scaler, RNG, step; the same tokens
+    # exact resume: weights, moments, scaler, RNG, step; the same inputs
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
-    it, best = restore(ckpt, model, optimizer, scaler, data) if ckpt else (0, math.inf)
+    inputs = dict(data=data, cache=meta and meta['identity'], teacher=about)
+    it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg) if ckpt else (0, math.inf)
     # a fixed val subset spread over the split, the same for every run
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))
     val_seqs = np.unique(spread.round().astype(int)).tolist()
@@ -531,7 +532,7 @@ def setup_train(cfg, env, ckpt):
     return SimpleNamespace(
         loss=loss, objective=objective, S=S, fetch=fetch, micro_steps=micro_steps,
         teacher=teacher, model=model, optimizer=optimizer, scaler=scaler, it=it,
-        best=best, data=data, val=val, val_seqs=val_seqs)
+        best=best, inputs=inputs, val=val, val_seqs=val_seqs)
 
 def run_train(cfg, env, ckpt=None):
     r = setup_train(cfg, env, ckpt)
@@ -560,7 +561,7 @@ def run_train(cfg, env, ckpt=None):
 
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
         save_checkpoint(ckpt_path, r.model, optimizer, scaler, it, r.best,
-                        dict(asdict(cfg), data=r.data), evals)
+                        dict(asdict(cfg), inputs=r.inputs), evals)
     B, T = cfg.batch_size, cfg.block_size
     tokens_per_step = B * T * r.micro_steps * env.world
     if env.master:
@@ -586,12 +587,12 @@ def run_train(cfg, env, ckpt=None):
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
-            if stop_everywhere(stop, env):  # all ranks stop here
+            sig = stop_everywhere(stop, env)  # all ranks stop here
+            if sig:
                 if env.master:
                     save(it)
-                    print(f"interrupted: saved {ckpt_path} at iter {it}. "
-                          f"Resume: the same command, --resume true")
-                return
+                raise Interrupted(sig, f"saved {ckpt_path} at iter {it}: resume "
+                                  f"with the same command and --resume true")
             lr = get_lr(it, cfg)
             for param_group in optimizer.param_groups:
                 param_group['lr'] = lr
@@ -642,19 +643,19 @@ def run_train(cfg, env, ckpt=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(Config, argv, TEACHER, __doc__)
-    # defaults < a resumed run's config < the command line
-    cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
-    env = setup(cfg)
-    # a user's error or full disk: one line, finished work kept; one run
-    # per folder; DDP torn down cleanly
-    with ddp_teardown(env), user_errors(cfg), \
-            folder_lock(cfg, env, ckpt):
-        if cfg.mode in ('teacher', 'train'):
-            run_train(cfg, env, ckpt)
-        elif cfg.mode == 'cache':
-            run_cache(cfg, env)
-        else:  # every sequence against its checksum, and the data
-            verify_cache(cfg, env, FORMATS)
+    # any error or signal: one line and an honest exit status, saved
+    # work kept; one run per output folder; DDP torn down cleanly
+    with entry_point():
+        # defaults < a resumed run's config < the command line
+        cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
+        env = setup(cfg)
+        with ddp_teardown(env), folder_lock(output_folder(cfg, env), ckpt):
+            if cfg.mode in ('teacher', 'train'):
+                run_train(cfg, env, ckpt)
+            elif cfg.mode == 'cache':
+                run_cache(cfg, env)
+            else:  # every sequence against its checksum, and the data
+                verify_cache(cfg, env, FORMATS)
 
 if __name__ == '__main__':
     main()

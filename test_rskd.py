@@ -5,9 +5,11 @@ Most runs go through rskd.main() in-process, on a tiny model and a synthetic cor
 vocabulary (97 pads to 128, so the padding is always exercised). Statistical tests use fixed seeds and
 tolerances of a few standard errors computed from the sample size.
 """
+import contextlib
 import dataclasses
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
@@ -61,8 +63,7 @@ def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
     meta = dict(tokenizer='gpt2', vocab_size=vocab, eot=vocab - 1, dtype='uint16', train_tokens=n_train,
                 val_tokens=n_val, train_docs=1, val_docs=1, train_crc32=zlib.crc32(toks[:n_train].tobytes()),
                 val_crc32=zlib.crc32(toks[n_train:].tobytes()), val_fraction=0.1, source=['synthetic'])
-    with open(os.path.join(d, 'meta.json'), 'w') as f:
-        json.dump(meta, f)
+    guardrails.write_json(meta, os.path.join(d, 'meta.json'))
     return str(d)
 
 
@@ -132,7 +133,7 @@ def fail(capsys, *argv):
 def files_of(d):
     """Every file under d and its bytes, but the lock file (which holds the pid of the last run)."""
     return {os.path.relpath(os.path.join(r, n), d): open(os.path.join(r, n), 'rb').read()
-            for r, _, names in os.walk(d) for n in names if n != '.lock'}
+            for r, _, names in os.walk(d) for n in names if n != '.lock' and os.path.exists(os.path.join(r, n))}
 
 
 def final_weights(out_dir):
@@ -494,7 +495,8 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
     run(*cache_args(data, teacher, ref, '--batch_size', 2, *method_args(method)))
     two, four = files_of(ref), files_of(caches[method])  # chunks of 2 sequences or of 4: the same cache
     metas = [json.loads(d.pop('meta.json')) for d in (two, four)]
-    assert two == four and [m.pop('batch_size') for m in metas] == [2, 4] and metas[0] == metas[1]
+    assert two == four and [m.pop('batch_size') for m in metas] == [2, 4]
+    assert [m.pop('crc32') for m in metas] and metas[0] == metas[1]
     # killed during the 3rd chunk's sampling, or (write_json) after the 3rd chunk's data was written but
     # before meta.json recorded it: either way meta.json says 2 chunks and the rerun picks up from there
     run_killed(where, 3 if where == 'rskd.cache_batch' else 4, f"rskd.main({[str(a) for a in args]!r})")
@@ -513,8 +515,9 @@ def test_ctrl_c_in_cache_mode_is_one_line_and_resumes(tmp_path, data, teacher, c
     args = cache_args(data, teacher, str(tmp_path / 'c'))
     p = subprocess.run([sys.executable, '-c', kill_script('rskd.cache_batch', 3, f"rskd.main({args!r})", signal.SIGINT)],
                        capture_output=True, text=True, env=child_env())
-    assert p.returncode == 1 and 'Traceback' not in p.stderr, p.stderr
-    assert p.stderr.splitlines()[-1] == "error: interrupted: rerun the same command to resume the cache"
+    assert p.returncode == 130 and 'Traceback' not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[-1] == ("interrupted (SIGINT): work is kept up to the last save: rerun the "
+                                         "same command to go on")
     run(*args)
     assert files_of(tmp_path / 'c') == files_of(caches['rs'])
 
@@ -711,7 +714,7 @@ def test_ece_and_spec_accept_by_hand():
     assert abs(m['val_loss'] + torch.log(probs[torch.arange(4), torch.tensor([1, 1, 2, 3])]).mean().item()) < 1e-5
 
 
-FIELDS = {'iter', 'loss', 'seed', 'train_loss', 'tok_s', 'val_loss', 'val_ppl', 'ece', 'reliability', 'kl_teacher', 'spec_accept'}
+FIELDS = {'crc32', 'iter', 'loss', 'seed', 'train_loss', 'tok_s', 'val_loss', 'val_ppl', 'ece', 'reliability', 'kl_teacher', 'spec_accept'}
 
 
 @pytest.mark.parametrize('loss', [['rskd'], ['topk'], ['topk', '--topk_tail', 'ghost'], ['topk', '--topk_tail', 'smooth'],
@@ -913,14 +916,14 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
     for cache in {row[3] for row in bench.ROWS if row[3]}:
         shutil.copytree(caches['topk' if cache == 'cache-topk' else 'is' if 'is' in cache else 'rs'], cache)
     os.makedirs('out')
-    json.dump(dict(step_ratio_vs_ce={m: 1.0 + i / 10 for i, m in enumerate(bench.step_methods())}), open('out/bench.json', 'w'))
+    guardrails.write_json(dict(step_ratio_vs_ce={m: 1.0 + i / 10 for i, m in enumerate(bench.step_methods())}), 'out/bench.json')
     bins = [[10, (b + 0.5) / 15, 0.5] for b in range(15)]
     for i, (_, run_name, *_) in enumerate(bench.ROWS):
         for seed in (1, 2):
             os.makedirs(f'out-{run_name}-{seed}')
             rec = dict(iter=200, val_loss=3.0 + i + seed / 100, ece=0.02, kl_teacher=0.1, spec_accept=0.9,
                        reliability=bins)
-            open(f'out-{run_name}-{seed}/metrics.jsonl', 'w').write(json.dumps(dict(rec, iter=0)) + '\n' + json.dumps(rec) + '\n')
+            open(f'out-{run_name}-{seed}/metrics.jsonl', 'w').write(guardrails.dumps(dict(rec, iter=0)) + '\n' + guardrails.dumps(rec) + '\n')
     bench.print_tables()
     out = capsys.readouterr().out
     assert '| CE | 3.015 ± 0.005 | 2.00 ± 0.00 | 0.100 ± 0.000 | 90.0 ± 0.0 | 1.00 | - |' in out
@@ -969,6 +972,30 @@ def test_ddp_cache_killed_and_resumed_equals_single_process(tmp_path, data, teac
     assert files_of(d) == files_of(caches['rs'])
 
 
+def test_ddp_cache_sigterm_exits_143_and_resumes(tmp_path, data, teacher, caches):
+    d = tmp_path / 'rs'
+    slow = tmp_path / 'slow.py'  # each batch takes a while, so that the signal lands mid-cache
+    slow.write_text(f"import sys, time\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal = rskd.cache_batch\n"
+                    f"def batch(*a):\n    time.sleep(0.3)\n    return real(*a)\nrskd.cache_batch = batch\n"
+                    f"rskd.main(sys.argv[1:])\n")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(slow),
+           *map(str, cache_args(data, teacher, d, '--commit_seconds', 0))]
+    p = subprocess.Popen(cmd, env=child_env(OMP_NUM_THREADS='1'), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    for _ in range(1200):
+        if (d / 'meta.json').exists() and json.load(open(d / 'meta.json'))['seqs_done']:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    # (torchrun's own SignalException traceback is its way; the ranks print one line each, no traceback)
+    assert p.returncode != 0 and 'interrupted (SIGTERM)' in out
+    assert all(f'{f}", line' not in out for f in ('rskd.py', 'guardrails.py', 'slow.py')), out
+    assert not json.load(open(d / 'meta.json'))['complete']
+    torchrun(2, *cache_args(data, teacher, d))  # resumed
+    assert files_of(d) == files_of(caches['rs'])
+
+
 def test_ddp_training_and_resume_match_single_process(tmp_path, data, caches):
     common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2,
               '--lr_decay_iters', 4]
@@ -1012,12 +1039,14 @@ def test_missing_transformers_says_how_to_install(tmp_path, data, monkeypatch, c
 # ----------------------------------------------------------------------------- reliability
 
 
-def edit_meta(path, **changes):
+def edit_meta(path, resign=True, **changes):
+    """meta.json edited; resign: with a checksum that matches, as a buggy writer would leave it."""
     meta = json.load(open(path))
+    meta.pop('crc32')
     meta.update(changes)
     for k in [k for k, v in changes.items() if v is None]:
         del meta[k]
-    json.dump(meta, open(path, 'w'))
+    open(path, 'w').write(guardrails.dumps(meta) if resign else json.dumps(meta))
 
 
 def bad_inputs(tmp, data, teacher, caches):
@@ -1106,9 +1135,9 @@ def bad_inputs(tmp, data, teacher, caches):
                                                         ['--mode', 'bench', '--data_dir', data, '--teacher', teacher, '--out_dir', f'{tmp}/out', *TINY])[1],
                                               'is a student for vocab 97 and block_size 8'),
         'resume without checkpoint': (lambda: [*train, '--resume', 'true'], 'ckpt.pt not found'),
-        'out_dir is a file': (lambda: [*train, '--out_dir', a_file()], f'--out_dir {tmp}/a_file is a file, not a folder'),
-        'cache_dir is a file': (lambda: cache_args(data, teacher, a_file()), f'--cache_dir {tmp}/a_file is a file, not a folder'),
-        'data_dir is a file': (lambda: ['--mode', 'train', '--data_dir', a_file()], 'is a file, not a folder'),
+        'out_dir is a file': (lambda: [*train, '--out_dir', a_file()], f"--out_dir '{tmp}/a_file' is not a folder"),
+        'cache_dir is a file': (lambda: cache_args(data, teacher, a_file()), f"--cache_dir '{tmp}/a_file' is not a folder"),
+        'data_dir is a file': (lambda: ['--mode', 'train', '--data_dir', a_file()], 'is not a folder'),
         'train.bin is a folder': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: folder_instead(d, 'train.bin'))], 'train.bin is a folder, not a file'),
         'cache meta.json is a folder': (lambda: [*train, '--cache_dir', cache_with(lambda d: folder_instead(d, 'meta.json'))], 'meta.json is a folder, not a file'),
         'ckpt.pt is a folder': (lambda: (os.makedirs(f'{tmp}/out/ckpt.pt'), [*train, '--resume', 'true'])[1], 'ckpt.pt is a folder, not a checkpoint'),
@@ -1126,14 +1155,23 @@ def bad_inputs(tmp, data, teacher, caches):
         'model too big': (lambda: [*train, '--cache_dir', caches['rs'], '--n_layer', 200, '--n_embd', 16384], 'needs about'),
         'damaged train.bin': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: set_token(d, 7, fix_checksum=False))], 'does not match the checksum'),
         'data meta without checksums': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', train_crc32=None, val_crc32=None))], "missing fields ['train_crc32', 'val_crc32']"),
-        'version-1 cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', version=1))], 'made by an older rskd'),
-        'cache meta with impossible values': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', rounds=0))], 'holds values that rskd never writes'),
+        'version-1 cache': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', version=2))], 'holds no cache of this version of rskd'),
+        'cache meta with impossible values': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', False, rounds=0))], 'does not match its checksum'),
         'out_dir in use': (lambda: [*train, '--cache_dir', caches['rs'], '--out_dir', locked(f'{tmp}/out')], 'is in use by another rskd run (process 4242)'),
         'cache_dir in use': (lambda: cache_args(data, teacher, locked(f'{tmp}/c')), 'is in use by another rskd run (process 4242)'),
         'resume on other data': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--data_dir', write_data(f'{tmp}/other', seed=1)])[1],
-                                 'trained on other data'),
-        'cache meta with impossible entries': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', entries=-5))], 'holds values that rskd never writes'),
+                                 'was trained with other data'),
+        'cache meta with impossible entries': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', False, entries=-5))], 'does not match its checksum'),
         'verify without its split file': (lambda: ['--mode', 'verify', '--cache_dir', caches['rs'], *TINY[:-2], '--data_dir', data_with(lambda d: os.remove(f'{d}/train.bin'))], 'train.bin not found'),
+        'empty out_dir': (lambda: [*train, '--out_dir', ''], "--out_dir '' is not a folder"),
+        'out_dir a dangling link': (lambda: (os.symlink(f'{tmp}/nowhere', f'{tmp}/link'), [*train, '--out_dir', f'{tmp}/link'])[1],
+                                    'is not a folder'),
+        'cache_dir is the data folder': (lambda: [*train, '--cache_dir', data], 'holds no cache of this version of rskd: pass another'),
+        'damaged data meta': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', False, val_docs=2))],
+                              'meta.json does not match its checksum'),
+        'checkpoint without optimizer state': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'),
+                                                        resigned(f'{tmp}/out/ckpt.pt', lambda c: c.pop('optimizer')),
+                                                        [*train, '--loss', 'ce', '--resume', 'true'])[2], 'out/ckpt.pt holds a model of another'),
         'resume with another batch_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--batch_size', 8])[1],
                                            'a resumed run keeps its batch_size'),
     }
@@ -1203,10 +1241,12 @@ def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
     run(*train_args(data, caches, tmp_path / 'ref'))
     args = [str(a) for a in train_args(data, caches, tmp_path / 'int')]
     # Ctrl-C while drawing the 6th batch (prefetched during step 4): the step finishes, a checkpoint is
-    # saved at iter 5, exit 0
+    # saved at iter 5, exit 130
     script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})", signal.SIGINT)
     p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=child_env())
-    assert p.returncode == 0 and 'interrupted: saved' in p.stdout and '--resume true' in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 130 and p.stderr.splitlines()[-1] == (
+        f"interrupted (SIGINT): saved {args[args.index('--out_dir') + 1]}/ckpt.pt at iter 5: resume with the "
+        f"same command and --resume true"), p.stdout + p.stderr
     assert torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num'] == 5
     run(*args, '--resume', 'true')
     ref, res = final_weights(tmp_path / 'ref'), final_weights(tmp_path / 'int')
@@ -1247,7 +1287,7 @@ def test_disk_full_while_checkpointing(tmp_path, data, caches, capsys, monkeypat
                 return open('/dev/full', mode)
         return open(path, mode, *a, **k)
     monkeypatch.setattr(guardrails, 'open', open_full, raising=False)
-    assert 'disk is full' in fail(capsys, *train_args(data, caches, tmp_path))
+    assert 'No space left on device' in fail(capsys, *train_args(data, caches, tmp_path))
     assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 0  # the previous one, intact
     assert not os.path.exists(tmp_path / 'ckpt.pt.tmp')
 
@@ -1466,9 +1506,11 @@ def test_metrics_match_the_checkpoint_after_a_kill(tmp_path, data, caches, where
     assert [r['val_loss'] for r in res] == [r['val_loss'] for r in ref]
 
 
-def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
-    # SIGINT to the torchrun launcher mid-run: the 2 ranks stop at the same step and save; resumed, the run
-    # ends where an uninterrupted 2-process run does
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_signal_under_torchrun_saves_and_resumes(sig, tmp_path, data, caches):
+    # SIGINT or SIGTERM to the torchrun launcher mid-run (it passes it on to the ranks): the 2 ranks stop
+    # at the same step, save and exit 128 + sig; torchrun exits non-zero. Resumed, the run ends where an
+    # uninterrupted 2-process run does
     common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 5,
               '--max_iters', 40]
     torchrun(2, *common, '--out_dir', tmp_path / 'ref')
@@ -1484,9 +1526,10 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
         if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:  # past iter 5
             break
         time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out = p.communicate(timeout=120)[0]
-    assert 'interrupted: saved' in out, out
+    assert p.returncode != 0 and f'interrupted ({sig.name}): saved' in out, out
+    assert f'exitcode  : {128 + sig}' in out or 'SignalException' in out, out
     saved = torch.load(tmp_path / 'int' / 'ckpt.pt', weights_only=True)['iter_num']
     assert 5 <= saved < 40
     torchrun(2, *common, '--out_dir', tmp_path / 'int', '--resume', 'true')
@@ -1494,6 +1537,208 @@ def test_ctrl_c_under_torchrun_saves_and_resumes(tmp_path, data, caches):
     assert all(torch.equal(ref[k], res[k]) for k in ref)
     lines = [json.loads(line)['iter'] for line in open(metrics)]
     assert lines == sorted(set(lines)) and lines[-1] == 40
+
+
+# ----------------------------------------------------------------------------- trust round 3
+
+def damage_bytes(path, kind, where):
+    """A file damaged in place: bytes flipped or zeroed, or the file cut, at its start, middle or end."""
+    size = os.path.getsize(path)
+    at = dict(start=0, middle=size // 2, end=size - 9)[where]
+    if kind == 'truncate':
+        os.truncate(path, at)
+        return
+    with open(path, 'r+b') as f:
+        f.seek(at)
+        chunk = f.read(8)
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in chunk) if kind == 'flip' else bytes(len(chunk)))
+
+
+def resigned(path, edit):
+    """A checkpoint edited, with a checksum that matches (as a writer with a bug would leave it)."""
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.pop('crc32')
+    edit(ckpt)
+    torch.save(dict(ckpt, crc32=guardrails.digest(ckpt)), path)
+    return path
+
+
+@pytest.mark.parametrize('kind', ['flip', 'zero', 'truncate'])
+@pytest.mark.parametrize('where', ['start', 'middle', 'end'])
+def test_damaged_checkpoints_are_refused_before_use(kind, where, tmp_path, data, teacher, caches, capsys):
+    # a student's checkpoint, resumed; a teacher's, cached from: refused in one line, or (damage where
+    # nothing is read, such as the zip's padding) loaded exactly as saved
+    out = tmp_path / 'out'
+    run(*train_args(data, caches, out, '--max_iters', 4))
+    shutil.copy(teacher, tmp_path / 'teacher.pt')
+    refused = {}
+    for path in (out / 'ckpt.pt', tmp_path / 'teacher.pt'):
+        good = torch.load(path, weights_only=True)
+        damage_bytes(path, kind, where)
+        try:
+            ckpt = guardrails.load_checkpoint(str(path))
+            refused[path] = False
+        except SystemExit:
+            err = capsys.readouterr().err
+            assert err.count('\n') == 1 and ('does not match its checksum' in err or 'not a valid' in err), err
+            refused[path] = True
+            continue
+        assert guardrails.digest({k: ckpt[k] for k in good if k != 'crc32'}) == good['crc32']
+    before = files_of(out)
+    with pytest.raises(SystemExit) if refused[out / 'ckpt.pt'] else contextlib.nullcontext():
+        run(*train_args(data, caches, out, '--max_iters', 8), '--resume', 'true')
+    assert files_of(out) == before or not refused[out / 'ckpt.pt']
+    with pytest.raises(SystemExit) if refused[tmp_path / 'teacher.pt'] else contextlib.nullcontext():
+        run(*cache_args(data, tmp_path / 'teacher.pt', tmp_path / 'c'))
+    assert os.path.exists(tmp_path / 'c') != refused[tmp_path / 'teacher.pt']
+
+
+@pytest.mark.parametrize('kind', ['flip', 'zero', 'truncate'])
+@pytest.mark.parametrize('where', ['start', 'middle', 'end'])
+@pytest.mark.parametrize('name', ['train.bin', 'val.bin', 'meta.json'])
+def test_damaged_data_is_refused_before_a_step(kind, where, name, tmp_path, data, caches, capsys, monkeypatch):
+    d = tmp_path / 'd'
+    shutil.copytree(data, d)
+    damage_bytes(d / name, kind, where)
+    if files_of(d) == files_of(data):  # (zeroing bytes that were zero)
+        return
+    steps = []
+    monkeypatch.setattr(rskd, 'get_lr', lambda *a: steps.append(a) or 1e-3)
+    err = fail(capsys, *train_args(str(d), caches, tmp_path / 'out'))
+    assert not steps and name in err and ('checksum' in err or 'bytes' in err or 'JSON' in err), err
+
+
+def test_teacher_with_non_finite_weights_is_refused_before_anything_is_written(tmp_path, data, teacher, capsys):
+    bad = shutil.copy(teacher, tmp_path / 't.pt')
+    resigned(bad, lambda c: c['model']['transformer.h.0.mlp.c_fc.weight'].view(-1).__setitem__(3, float('nan')))
+    assert 'weights that are not finite' in fail(capsys, *cache_args(data, bad, tmp_path / 'c'))
+    assert not os.path.exists(tmp_path / 'c')
+
+
+def test_a_resume_refuses_inputs_that_changed(tmp_path, data, teacher, caches, capsys):
+    c = tmp_path / 'cache'
+    shutil.copytree(caches['rs'], c)
+    args = train_args(data, {'rs': c}, tmp_path / 'out', '--max_iters', 4)
+    run(*args)
+    before = files_of(tmp_path / 'out')
+    shutil.rmtree(c)  # the cache made again at the same path, from another teacher
+    other = resigned(shutil.copy(teacher, tmp_path / 't2.pt'), lambda k: k['model']['lm_head.weight'].mul_(1.01))
+    run(*cache_args(data, other, c))
+    err = fail(capsys, *args, '--max_iters', 8, '--resume', 'true')
+    assert f"was trained with other cache ({c})" in err
+    full = ['--mode', 'train', '--data_dir', data, *TINY, '--loss', 'fullkd', '--max_iters', 2, '--out_dir', tmp_path / 'fk']
+    run(*full, '--teacher', teacher)
+    err = fail(capsys, *full, '--teacher', other, '--max_iters', 4, '--resume', 'true')
+    assert f"was trained with other teacher ({os.path.abspath(teacher)})" in err
+    assert files_of(tmp_path / 'out') == before
+
+
+def test_options_the_cache_decides_are_taken_from_it(tmp_path, data, caches, capsys):
+    topk = ['--mode', 'train', '--data_dir', data, *TINY, '--loss', 'topk', '--cache_dir', caches['topk'],
+            '--max_iters', 2]
+    assert 'made with k 5: drop --k' in fail(capsys, *topk, '--k', 4, '--out_dir', tmp_path / 'a')
+    assert 'made with method topk: drop --method' in fail(capsys, *topk, '--method', 'rs', '--out_dir', tmp_path / 'a')
+    assert 'shapes a cache, and this run reads none' in fail(
+        capsys, '--mode', 'train', '--data_dir', data, *TINY, '--loss', 'ce', '--rounds', 9, '--out_dir', tmp_path / 'a')
+    assert not os.path.exists(tmp_path / 'a')  # a failed first run leaves no folder behind
+    run(*topk, '--out_dir', tmp_path / 'b')  # --k not given: the cache's is recorded, not the default 12
+    assert f"from {caches['topk']}: method topk, k 5" in capsys.readouterr().out
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['config']['k'] == 5
+    run(*topk, '--k', 5, '--out_dir', tmp_path / 'c')
+
+
+def test_resume_past_max_iters_says_so(tmp_path, data, caches, capsys):
+    run(*train_args(data, caches, tmp_path, '--max_iters', 4))
+    before = files_of(tmp_path)
+    run(*train_args(data, caches, tmp_path, '--max_iters', 4), '--resume', 'true')
+    assert f"{tmp_path}/ckpt.pt is at iter 4, --max_iters is 4: nothing to train" in capsys.readouterr().out
+    assert files_of(tmp_path)['ckpt.pt'] == before['ckpt.pt']
+
+
+def test_damaged_metrics_are_refused_where_read(tmp_path, data, caches, capsys, monkeypatch):
+    run(*train_args(data, caches, tmp_path / 'out', '--max_iters', 4))
+    path = tmp_path / 'out' / 'metrics.jsonl'
+    assert [r['iter'] for r in guardrails.read_metrics(path)] == [0, 4]
+    text = path.read_text().replace('"iter": 4', '"iter": 5')
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        guardrails.read_metrics(path)
+    assert 'metrics.jsonl line 2 does not match its checksum' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+def test_signals_exit_128_plus_their_number_and_resume_exactly(sig, tmp_path, data, teacher, caches):
+    # training: the step finishes, the checkpoint is saved, exit 130/143; the resume ends where an
+    # uninterrupted run does. caching: the cache keeps its commits, and the rerun makes the same bytes
+    run(*train_args(data, caches, tmp_path / 'ref'))
+    args = [str(a) for a in train_args(data, caches, tmp_path / 'int')]
+    p = subprocess.run([sys.executable, '-c', kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})", sig)],
+                       capture_output=True, text=True, env=child_env())
+    assert p.returncode == 128 + sig and 'Traceback' not in p.stderr, p.stderr
+    assert f"interrupted ({sig.name}): saved" in p.stderr
+    run(*args, '--resume', 'true')
+    ref, res = final_weights(tmp_path / 'ref'), final_weights(tmp_path / 'int')
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+    cache = [str(a) for a in cache_args(data, teacher, tmp_path / 'c')]
+    p = subprocess.run([sys.executable, '-c', kill_script('rskd.cache_batch', 3, f"rskd.main({cache!r})", sig)],
+                       capture_output=True, text=True, env=child_env())
+    assert p.returncode == 128 + sig and p.stderr.count('\n') == 1, p.stderr
+    run(*cache)
+    assert files_of(tmp_path / 'c') == files_of(caches['rs'])
+
+
+def test_prepare_data_guard_rails(tmp_path, caches, capsys, monkeypatch):
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f'{i}.txt').write_text(f"document {i} " * 40)
+    os.mkfifo(corpus / 'pipe.txt')  # read, it would hang forever
+    os.symlink(tmp_path / 'nowhere', corpus / 'broken.md')
+
+    def fails(*argv):
+        with pytest.raises(SystemExit) as e:
+            prepare_data.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and err.startswith('error: ') and '\n' not in err, err
+        return err
+    out = tmp_path / 'data'
+    prepare_data.main(['--input', str(corpus), '--out', str(out)])
+    said = capsys.readouterr().out
+    assert f"skipping {corpus}/pipe.txt: not a regular file" in said and 'broken.md: not a regular' in said
+    assert '100.0%' in said
+    cache = tmp_path / 'cache'
+    shutil.copytree(caches['rs'], cache)
+    before = {d: files_of(d) for d in (out, cache)}
+    assert 'holds checksums.bin, which prepare_data.py does not write' in fails('--input', corpus, '--out', cache)
+    (tmp_path / 'a_file').write_text('x')
+    assert 'is not a folder' in fails('--input', corpus, '--out', tmp_path / 'a_file')
+    held = open(out / '.lock', 'a+')  # another run holds the folder
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert 'is in use by another rskd run' in fails('--input', corpus, '--out', out)
+    held.close()
+    real_open = open
+
+    def full_disk(path, mode='r', *a, **k):  # the .bin temp files land on a full disk
+        return real_open('/dev/full' if str(path).endswith('.bin.tmp') else path, mode, *a, **k)
+    monkeypatch.setattr(guardrails, 'open', full_disk, raising=False)
+    assert 'No space left on device' in fails('--input', corpus, '--out', out)
+    assert {d: files_of(d) for d in before} == before and not glob.glob(f'{out}/*.tmp')
+
+
+def test_prepare_data_interrupted_exits_130_and_keeps_the_old_data(tmp_path):
+    corpus = tmp_path / 'corpus'
+    corpus.mkdir()
+    (corpus / 'a.txt').write_text("some words " * 100)
+    (corpus / 'b.txt').write_text("other words " * 100)
+    out = str(tmp_path / 'data')
+    prepare_data.main(['--input', str(corpus), '--out', out])
+    before = files_of(out)
+    script = kill_script('prepare_data.documents', 1, f"import prepare_data\nprepare_data.main(['--input', "
+                         f"{str(corpus)!r}, '--out', {out!r}])", signal.SIGINT)
+    p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=child_env())
+    assert p.returncode == 130 and 'Traceback' not in p.stderr and p.stderr.startswith('interrupted (SIGINT)'), p.stderr
+    assert files_of(out) == before
 
 
 # ----------------------------------------------------------------------------- mixed precision, compile
