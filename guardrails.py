@@ -1,21 +1,21 @@
 """
-The guard rails of rskd.py: everything that keeps a run from losing work, training on the wrong files or
-ending in a traceback, and that a reader of the method need not see.
+The guard rails of rskd.py: what keeps a run from losing work,
+reading the wrong or damaged files, or ending in a traceback, and
+that a reader of the method need not see.
 
-- the command line, generated from rskd.Config's fields, and the checks of its values
-- the run's environment: torchrun's ranks, the device, the dtype, autocast
-- the resume-config merge (a resumed run keeps what would change its data order or model)
-- data and cache validation: meta.json schemas, file sizes, fingerprints of the data and the teacher,
-  the data's crc32, and each cache sequence's crc32 and values (checked per batch, and by --mode verify)
-- atomic writes, checkpoint and teacher loading (weights only: a file cannot run code), metrics.jsonl
-  kept consistent with the checkpoint
-- the cache's files on disk, as each rskd.FORMATS entry describes them: the writer (creation, resume
-  truncation, commits with checksums), the reader, the value checks that entries list, --mode verify
-- the sampling kernels behind rskd.py's targets: the float64 two-level CDF search, the grouped top-k
-- one run per output folder (an flock), the stop flag for Ctrl-C/SIGTERM, and one-line messages for
-  the errors a user can cause
+- the command line, made from rskd.Config's fields, and its checks
+- the run's environment: torchrun's ranks, device, dtype, autocast
+- one integrity rule: every file rskd writes records a crc32 of its
+  contents (data and cache: in meta.json; JSON files and checkpoints:
+  in themselves), and every read checks it before the contents are used
+- atomic writes (a temp file, then a rename); checkpoints and
+  teachers loaded as weights only (a file cannot run code)
+- the cache on disk, as each rskd.FORMATS entry describes it: writer,
+  resume, reader, the value checks entries list, --mode verify
+- one run per output folder (an flock); one error boundary per entry
+  point (entry_point): one line and an honest exit status
 
-Every function that finds a problem the user can fix calls die(): one line that says what to do, exit 1.
+A problem the user can fix calls die(): one line, what to do, exit 1.
 """
 import argparse
 import fcntl
@@ -43,16 +43,14 @@ import torch.distributed as dist
 from model import GPT, GPTConfig
 
 HF_TEACHERS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
-# a resumed run must keep these, or its data order and model would silently change
-RESUME_FIXED = ('mode', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size', 'gradient_accumulation_steps',
-                'max_seqs', 'seed', 'loss', 'cache_dir')
-
+# a resumed run keeps these, or its data order or model would change
+RESUME_FIXED = ('mode', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size',
+                'gradient_accumulation_steps', 'max_seqs', 'seed', 'loss', 'cache_dir')
 
 def die(msg):
-    """A problem the user can fix: one line that says what to do, no traceback, exit status 1."""
+    """A problem the user can fix: one line, no traceback, exit 1."""
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
-
 
 def first_line(e):
     return (str(e).splitlines() or [type(e).__name__])[0]
@@ -60,154 +58,141 @@ def first_line(e):
 # -----------------------------------------------------------------------------
 # the command line and the config
 
-
 def boolean(s):
     if s.lower() not in ('true', 'false', '1', '0'):
         raise ValueError(s)
     return s.lower() in ('true', '1')
 
-
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         die(f"{message} (see --help)")
 
-
 def opt(default, help, choices=None):
-    """A Config field that carries its own --help text and choices."""
+    """A Config field that carries its --help text and choices."""
     return field(default=default, metadata=dict(help=help, choices=choices))
 
-
 def parse_args(config_cls, argv, teacher_defaults, description):
-    """The options given on the command line, as a dict; one --option per Config field, with the help
-    text and choices that the field carries. Defaults are filled in later, per mode."""
-    p = OneLineParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The options given, as a dict: one --option per Config field."""
+    p = OneLineParser(description=description,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(config_cls):
         extra = f" [teacher: {teacher_defaults[f.name]}]" if f.name in teacher_defaults else ""
-        flag = dict(nargs='?', const=True) if f.type is bool else {}  # --resume = --resume true
+        flag = dict(nargs='?', const=True) if f.type is bool else {}  # --resume: true
         choices = f.metadata.get('choices')
         listed = f" ({' | '.join(choices)})" if choices else ""
-        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=None, **flag,
-                       choices=choices, metavar=f.type.__name__.upper(),
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type,
+                       default=None, **flag, choices=choices, metavar=f.type.__name__.upper(),
                        help=f"{f.metadata['help']}{listed} (default: {f.default}){extra}")
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
-
 def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
-    """Config from the defaults (the teacher's in --mode teacher), a resumed run's saved config and the
-    command line, in that order. Returns (cfg, the checkpoint to resume or None)."""
+    """(cfg, the checkpoint to resume or None). cfg: the defaults < a
+    resumed run's config < the command line (< the cache's options)."""
     mode = args.get('mode', config_cls.mode)
     base = dict(teacher_defaults) if mode == 'teacher' else {}
-    ckpt = None
+    ckpt, out_dir = None, args.get('out_dir', base.get('out_dir', config_cls.out_dir))
     if mode in ('teacher', 'train'):
-        ckpt_path = os.path.join(args.get('out_dir', base.get('out_dir', config_cls.out_dir)), 'ckpt.pt')
-        if os.path.isdir(ckpt_path):
-            die(f"{ckpt_path} is a folder, not a checkpoint: move it away or use another --out_dir")
-        if args.get('resume'):  # the saved run's config, then whatever this command line changes
+        ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+        if args.get('resume'):
             ckpt = load_checkpoint(ckpt_path)
-            base.update({k: v for k, v in ckpt['config'].items() if k in config_cls.__dataclass_fields__})
+            base.update({k: v for k, v in ckpt['config'].items()
+                         if k in config_cls.__dataclass_fields__})
             changed = [k for k in RESUME_FIXED if k in args and args[k] != base.get(k)]
             if changed:
-                die(f"a resumed run keeps its {', '.join(changed)}: drop them from the command line")
-        elif os.path.exists(ckpt_path):
-            die(f"{ckpt_path} already exists: continue it with --resume true, or use another --out_dir")
-    world = int(os.environ.get('WORLD_SIZE', 1))
+                die(f"a resumed run keeps its {', '.join(changed)}: drop them")
+        elif os.path.lexists(ckpt_path):
+            die(f"{ckpt_path} already exists: continue it with --resume true, "
+                f"or use another --out_dir")
     if mode in ('bench', 'verify') and 'RANK' in os.environ:
         die(f"--mode {mode} runs in one process: run it with python, not torchrun")
+    world = int(os.environ.get('WORLD_SIZE', 1))
     if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
-        args['gradient_accumulation_steps'] = world  # under torchrun: one micro-step per rank by default
+        args['gradient_accumulation_steps'] = world  # torchrun: a micro-step a rank
     cfg = config_cls(**{**base, **args})
-    for method in formats:  # a fork's broken entry is named here, whatever this run does
+    for method in formats:  # a fork's broken entry is named, whatever the run
         check_format(method, formats, config_cls, objectives)
+    if mode == 'cache' and cfg.method not in formats:
+        die(f"argument --method: invalid choice: {cfg.method!r} (choose from "
+            f"{', '.join(formats)}) (see --help)")
     if cfg.loss not in objectives:
-        raise RuntimeError(f"--loss {cfg.loss} has no OBJECTIVES entry: add its loss function there")
-    if mode == 'cache' and cfg.method not in formats:  # the cache methods are FORMATS's entries
-        die(f"argument --method: invalid choice: {cfg.method!r} (choose from {', '.join(formats)}) (see --help)")
-    if mode == 'cache':  # an option that another method records, given to this one, would do nothing
-        own = formats[cfg.method]['meta']
-        for name in args:
-            others = [m for m, f in formats.items() if name in f['meta'] and name not in own]
-            if others:
-                die(f"--{name} is an option of --method {' or '.join(others)}, not {cfg.method}: drop it, "
-                    f"or pass --method {others[0]}")
+        raise RuntimeError(f"--loss {cfg.loss} has no OBJECTIVES entry: add one")
     check_config(cfg, {f['loss'] for f in formats.values()})
     return cache_decides(cfg, args, formats), ckpt
 
-
 def cache_decides(cfg, args, formats):
-    """In training, the options that shape a cache are the cache's:
-    taken from it and printed; refused where the command line says
-    otherwise, or where the run reads no cache."""
+    """Options that shape a cache: another method's are refused in cache
+    mode; in training the cache's are taken (and printed), others refused."""
     options = {'method', 'split'}.union(*(f['meta'] for f in formats.values()))
     given = sorted(options & set(args))
-    if cfg.mode not in ('teacher', 'train'):
-        return cfg
-    if cfg.mode == 'teacher' or cfg.loss not in {f['loss'] for f in formats.values()}:
-        if given:
-            die(f"--{given[0]} shapes a cache, and this run reads none: drop it")
-        return cfg
-    if not os.path.isfile(os.path.join(cfg.cache_dir, 'meta.json')):
-        return cfg  # (the run says so, once it has checked its data)
+    cached = cfg.mode == 'train' and cfg.loss in {f['loss'] for f in formats.values()}
+    for k in given if cfg.mode == 'cache' else []:  # it would do nothing
+        others = [m for m, f in formats.items() if k in f['meta']
+                  and k not in formats[cfg.method]['meta']]
+        if others:
+            die(f"--{k} is an option of --method {' or '.join(others)}, not {cfg.method}: "
+                f"drop it, or pass --method {others[0]}")
+    if given and cfg.mode in ('teacher', 'train') and not cached:
+        die(f"--{given[0]} shapes a cache, and this run reads none: drop it")
+    if not cached or not os.path.isfile(os.path.join(cfg.cache_dir, 'meta.json')):
+        return cfg  # (a missing cache is named once the data is checked)
     meta = read_cache_meta(cfg.cache_dir, formats)
     taken = {k: meta[k] for k in ('method', *formats[meta['method']]['meta'])}
     for k in given:
-        if k not in taken or taken[k] != args[k]:
-            die(f"--{k} {args[k]}: a training run takes its targets' options from the cache, "
+        if taken.get(k) != args[k]:
+            die(f"--{k} {args[k]}: training takes its targets' options from the cache, "
                 f"and {cfg.cache_dir} was made with {k} {taken.get(k, '(none)')}: drop --{k}")
     if os.environ.get('RANK', '0') == '0':
         print(f"from {cfg.cache_dir}: " + ', '.join(f"{k} {v}" for k, v in taken.items()))
     return replace(cfg, **taken)
 
-
 def check_config(cfg, cached_losses):
+    """Each option's value: what die() says if it is out of range."""
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             die(f"--{f.name} must be a finite number, got {value}")
-    if not 0 <= cfg.seed < 2 ** 64:
-        die(f"--seed must be between 0 and 2**64, got {cfg.seed}")
     folders = ['data_dir'] + (['cache_dir'] if cfg.mode in ('cache', 'verify') else [])
     folders += ['out_dir'] if cfg.mode in ('teacher', 'train', 'bench') else []
     folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in cached_losses else []
     for name in folders:
         path = getattr(cfg, name)
         if not path or (os.path.lexists(path) and not os.path.isdir(path)):
-            die(f"--{name} {path!r} is not a folder (a file, a broken link or nothing): pass a folder")
-    if not 1 <= cfg.rounds <= 255:
-        die(f"--rounds must be 1..255 (counts are stored as uint8), got {cfg.rounds}")
-    for name in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head', 'n_embd',
-                 'eval_interval', 'eval_iters', 'log_interval', 'k'):
-        if getattr(cfg, name) < 1:
-            die(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+            die(f"--{name} {path!r} is not a folder (a file, a broken link or "
+                f"nothing): pass a folder")
+    rules = [('seed', 0, 2 ** 64 - 1, "between 0 and 2**64"),
+             ('rounds', 1, 255, "1..255 (counts are stored as uint8)"),
+             ('proposal_temperature', math.ulp(0), math.inf, "a positive number")]
+    rules += [(n, 1, math.inf, "at least 1") for n in (
+        'batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
+        'n_embd', 'eval_interval', 'eval_iters', 'log_interval', 'k')]
+    rules += [(n, 0, math.inf, "at least 0") for n in (
+        'max_iters', 'max_seqs', 'alpha', 'learning_rate', 'min_lr', 'warmup_iters',
+        'lr_decay_iters', 'weight_decay', 'grad_clip')]
+    for name, lo, hi, what in rules:
+        if not lo <= getattr(cfg, name) <= hi:
+            die(f"--{name} must be {what}, got {getattr(cfg, name)}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
-    for name in ('max_iters', 'max_seqs', 'alpha', 'learning_rate', 'min_lr', 'warmup_iters', 'lr_decay_iters',
-                 'weight_decay', 'grad_clip'):
-        if getattr(cfg, name) < 0:
-            die(f"--{name} cannot be negative, got {getattr(cfg, name)}")
-    if not (0 < cfg.proposal_temperature < math.inf):
-        die(f"--proposal_temperature must be a positive number, got {cfg.proposal_temperature}")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         die(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device}")
-    if cfg.device.startswith('cuda') and 'RANK' not in os.environ:
-        gpus = torch.cuda.device_count()
-        if gpus <= int(cfg.device[5:] or 0):
-            die(f"--device {cfg.device}, but this PyTorch sees {gpus} CUDA GPUs: use --device cpu")
+    gpus = torch.cuda.device_count()
+    if cfg.device.startswith('cuda') and 'RANK' not in os.environ and gpus <= int(cfg.device[5:] or 0):
+        die(f"--device {cfg.device}, but this PyTorch sees {gpus} CUDA GPUs: use --device cpu")
 
+# -----------------------------------------------------------------------------
+# the run's environment
 
 def resolve_dtype(dtype, device):
-    """--dtype auto: float32 on CPU; on a GPU bfloat16 where its tensor cores have it (compute
-    capability 8.0 on: Ampere, Hopper...), else float16 with a GradScaler. (is_bf16_supported() also
-    counts the emulated bfloat16 of a V100 or T4, which crawls.)"""
+    """auto: float32 on CPU; bfloat16 on GPUs whose tensor cores have it
+    (8.0 on), else float16 (is_bf16_supported() counts emulated bf16)."""
     if dtype != 'auto':
         return dtype
     if not device.startswith('cuda'):
         return 'float32'
     return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
 
-
 def setup(cfg):
-    """The run's environment, one namespace: distributed (under torchrun) or not, rank and world
-    size, the device, --dtype resolved, the autocast context and whether to compile."""
+    """The run's `env` (described in rskd.py)."""
     env = SimpleNamespace(ddp='RANK' in os.environ, rank=0, world=1, device=cfg.device)
     if env.ddp:
         use_cuda = torch.cuda.is_available() and cfg.device != 'cpu'
@@ -216,32 +201,31 @@ def setup(cfg):
         if cfg.device.startswith('cuda') and not use_cuda:
             die(f"--device {cfg.device}, but this PyTorch sees no CUDA GPU: use --device cpu")
         ranks, gpus = int(os.environ.get('LOCAL_WORLD_SIZE', 1)), torch.cuda.device_count()
-        if use_cuda and ranks > gpus:  # every rank says so and stops, before any of them waits
-            die(f"torchrun started {ranks} processes on this machine, which has {gpus} GPUs: use "
-                f"--nproc_per_node {gpus}, or --device cpu")
+        if use_cuda and ranks > gpus:  # every rank stops, before any waits
+            die(f"torchrun started {ranks} processes on this machine, which has {gpus} "
+                f"GPUs: use --nproc_per_node {gpus}, or --device cpu")
         dist.init_process_group('nccl' if use_cuda else 'gloo')
         env.rank, env.world = dist.get_rank(), dist.get_world_size()
         env.device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
-    elif cfg.device == 'auto':  # (not mps: it has no float64, which sampling and metrics use)
+    elif cfg.device == 'auto':  # (not mps: it has no float64)
         env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     env.master, env.type = env.rank == 0, env.device.split(':')[0]
     if env.type == 'cuda':
-        if torch.device(env.device).index is not None:  # cuda:N: synchronize, memory stats, names follow
+        if torch.device(env.device).index is not None:  # cuda:N
             torch.cuda.set_device(env.device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     env.name = torch.cuda.get_device_name(env.device) if env.type == 'cuda' else env.device
     env.dtype = resolve_dtype(cfg.dtype, env.device)
-    # autocast runs the matmuls in 16 bits; losses, softmaxes and metrics cast to float32 themselves
+    # autocast: matmuls in 16 bits; losses, softmaxes, metrics in float32
     half = env.dtype != 'float32'
     env.ctx = torch.autocast(env.type, dtype=getattr(torch, env.dtype)) if half else nullcontext()
     env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.type == 'cuda')
     return env
 
-
 def check_model_size(cfg, V, env):
-    """Refuse, before allocating it, a model whose weights, gradients and AdamW moments (16 bytes a
-    parameter) and one step's float32 logits cannot fit in this machine's (or GPU's) memory."""
+    """Refuse a model whose weights, gradients, AdamW moments (16 bytes a
+    parameter) and float32 logits do not fit in memory."""
     C, L = cfg.n_embd, cfg.n_layer
     params = (V + 63) // 64 * 64 * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     need = 16 * params + 3 * 4 * cfg.batch_size * cfg.block_size * V
@@ -250,64 +234,39 @@ def check_model_size(cfg, V, env):
     else:
         have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if need > have:
-        die(f"a model of {params / 1e6:,.0f}M parameters needs about {need / 2**30:,.0f} GiB for its weights, "
-            f"gradients, optimizer state and logits, and this {env.type} has {have / 2**30:,.0f} GiB: use a "
-            f"smaller --n_layer, --n_embd or --batch_size")
-
+        die(f"a model of {params / 1e6:,.0f}M parameters needs about {need / 2**30:,.0f} "
+            f"GiB, this {env.type} has {have / 2**30:,.0f}: use a smaller --n_layer, "
+            f"--n_embd or --batch_size")
 
 def check_batching(cfg, world, S):
-    """Micro-steps per rank, after checking that a step divides among the ranks and fits the data."""
-    if cfg.gradient_accumulation_steps % world:
-        die(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps} must be a multiple of the "
-            f"{world} ranks")
-    if cfg.batch_size * cfg.gradient_accumulation_steps > S:
-        die(f"one step takes {cfg.batch_size * cfg.gradient_accumulation_steps} sequences, the data has {S} of "
-            f"{cfg.block_size} tokens: use a smaller --batch_size or --gradient_accumulation_steps")
-    return cfg.gradient_accumulation_steps // world
+    """Micro-steps per rank; a step must divide among ranks, fit the data."""
+    accum = cfg.gradient_accumulation_steps
+    if accum % world:
+        die(f"--gradient_accumulation_steps {accum} must be a multiple of the {world} ranks")
+    if cfg.batch_size * accum > S:
+        die(f"one step takes {cfg.batch_size * accum} sequences, the data has {S} of "
+            f"{cfg.block_size} tokens: use a smaller --batch_size or "
+            f"--gradient_accumulation_steps")
+    return accum // world
+
+def gather_on_master(obj, env):
+    """Every rank's obj in rank order on rank 0, [] elsewhere."""
+    if not env.ddp:
+        return [obj]
+    gathered = [None] * env.world if env.master else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered if env.master else []
 
 # -----------------------------------------------------------------------------
-# JSON files and the data
+# one integrity rule for every file rskd reads back, and atomic writes
 
-
-def read_json(path, what, schema=None):
-    """A JSON file of ours: its checksum checked (like every file
-    rskd reads back), then its fields against schema, if given."""
+def need_file(path, what):
     if not os.path.isfile(path):
         gone = 'is a folder, not a file' if os.path.isdir(path) else 'not found'
         die(f"{path} {gone}: {what}")
-    with open(path, 'rb') as f:
-        d = checked_json(f.read(), path, what)
-    return check_fields(d, schema, path, what) or d if schema else d
-
-
-def checked_json(text, where, what):
-    try:
-        d = json.loads(text)
-        crc = d.pop('crc32')
-    except (ValueError, UnicodeDecodeError, AttributeError, KeyError):
-        crc = d = None
-    if crc != digest(d):
-        die(f"{where} does not match its checksum (damaged, or not written "
-            f"by this version of rskd): {what}")
-    return d
-
-
-def dumps(d, indent=None):
-    """d as JSON that carries its own crc32, as every JSON rskd writes."""
-    d = json.loads(json.dumps(d))  # (the values as a reader will see them)
-    return json.dumps(dict(d, crc32=digest(d)), indent=indent)
-
-
-def read_metrics(path):
-    """A metrics.jsonl's records, each checked against its crc32."""
-    with open(path, 'rb') as f:
-        return [checked_json(line, f"{path} line {i}", "it is damaged")
-                for i, line in enumerate(f, 1)]
-
 
 def digest(obj, crc=0):
-    """crc32 of obj's contents (dicts, lists, tensors, numbers, text), in
-    order: every file rskd writes records it, every read checks it."""
+    """crc32 of obj's contents: tensors, numbers, text, in order."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             crc = digest(v, zlib.crc32(repr(k).encode(), crc))
@@ -321,90 +280,51 @@ def digest(obj, crc=0):
         crc = zlib.crc32(repr(obj).encode(), crc)
     return crc
 
+def dumps(d, indent=None):
+    """d as JSON that carries its own crc32, as all JSON rskd writes."""
+    d = json.loads(json.dumps(d))  # (the values as a reader sees them)
+    return json.dumps(dict(d, crc32=digest(d)), indent=indent)
 
-def check_fields(d, schema, where, what=''):
+def checked_json(text, where, what):
+    try:
+        d = json.loads(text)
+        crc = d.pop('crc32')
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError):
+        crc = d = None
+    if crc != digest(d):
+        die(f"{where} does not match its checksum (damaged, or not written "
+            f"by this version of rskd): {what}")
+    return d
+
+def read_json(path, what, schema=None):
+    """A JSON file of ours, checked: its crc32, then schema's fields."""
+    need_file(path, what)
+    with open(path, 'rb') as f:
+        d = checked_json(f.read(), path, what)
+    return check_fields(d, schema, path, what) or d if schema else d
+
+def read_metrics(path):
+    """A metrics.jsonl's records, each checked against its crc32."""
+    with open(path, 'rb') as f:
+        return [checked_json(line, f"{path} line {i}", "it is damaged")
+                for i, line in enumerate(f, 1)]
+
+def check_fields(d, schema, where, what):
     if not isinstance(d, dict) or set(d) != set(schema):
         have = set(d) if isinstance(d, dict) else set()
-        die(f"{where}: missing fields {sorted(set(schema) - have)}, unexpected fields {sorted(have - set(schema))};"
-            f" it was not written by this version of rskd{': ' + what if what else ''}")
+        die(f"{where}: missing fields {sorted(set(schema) - have)}, unexpected fields "
+            f"{sorted(have - set(schema))}; not written by this version of rskd: {what}")
     for k, kind in schema.items():
         if isinstance(kind, dict):
             check_fields(d[k], kind, f"{where} field '{k}'", what)
         elif not isinstance(d[k], kind) or (kind is int and isinstance(d[k], bool)):
-            die(f"{where}: field '{k}' should be {getattr(kind, '__name__', 'a number')}, found {d[k]!r}")
-
-
-DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens=int, val_tokens=int,
-                 train_docs=int, val_docs=int, train_crc32=int, val_crc32=int, val_fraction=(int, float),
-                 source=list)
-SCANNED = {}  # (path, size, mtime, tokens used) -> (crc32, largest id, sha256 of those tokens)
-
-
-def gather_on_master(obj, env):
-    """Every rank's obj, in rank order, on rank 0 (an empty list elsewhere); [obj] without DDP."""
-    if not env.ddp:
-        return [obj]
-    gathered = [None] * env.world if env.master else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered if env.master else []
-
-
-def check_data(data_dir, split, T, max_seqs, env):
-    """DATA_DIR/split.bin's path, the number of its tokens to use and the vocabulary size, after checking
-    meta.json, the file's size, that it holds at least one block, and that every token is below V."""
-    meta = read_json(os.path.join(data_dir, 'meta.json'), "run prepare_data.py", DATA_META)
-    path, V = os.path.join(data_dir, f'{split}.bin'), meta['vocab_size']
-    if not os.path.isfile(path):
-        die(f"{path} {'is a folder, not a file' if os.path.isdir(path) else 'not found'}: rerun prepare_data.py")
-    size = os.path.getsize(path)
-    if size % 2 or size // 2 != meta[f'{split}_tokens']:
-        die(f"{path} has {size} bytes, meta.json says {meta[f'{split}_tokens']} uint16 tokens: rerun prepare_data.py")
-    n = size // 2
-    if max_seqs:
-        n = min(n, max_seqs * T + 1)
-    if n < T + 1:
-        die(f"{path} holds {n} tokens, fewer than one block of {T}+1: use a smaller --block_size or more data")
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n)
-
-    # one chunked pass, never the whole file in RAM: crc32, largest id, sha256 of the first n tokens.
-    # Every rank scans for itself: none waits in a collective (and a watchdog's timeout) for rank 0
-    def scan():
-        tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(size // 2,))
-        crc, largest, sha = 0, 0, hashlib.sha256()
-        for i in range(0, len(tokens), 1 << 24):
-            chunk = tokens[i:i + (1 << 24)]
-            crc = zlib.crc32(chunk, crc)
-            largest = max(largest, int(chunk.max()))
-            sha.update(chunk[:max(n - i, 0)].tobytes())
-        return crc, largest, sha.hexdigest()
-    crc, largest, sha = SCANNED[key] if key in SCANNED else scan()
-    if crc != meta[f'{split}_crc32']:
-        die(f"{path} does not match the checksum in {data_dir}/meta.json: the file is damaged (or was changed "
-            f"after prepare_data.py); rerun prepare_data.py")
-    if largest >= V:
-        die(f"{path} holds token ids >= vocab_size {V}: it was not made with this tokenizer")
-    SCANNED[key] = crc, largest, sha
-    return path, n, V
-
-
-def data_fingerprint(tokens, path, env):
-    """{path, n_tokens, sha256 of the tokens used}: a cache records it, training compares it."""
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, len(tokens))
-    if key in SCANNED:  # check_data's pass has hashed them already
-        return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=SCANNED[key][2])
-    h = hashlib.sha256()
-    for i in range(0, len(tokens), 1 << 26):
-        h.update(tokens[i:i + (1 << 26)].tobytes())
-    return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=h.hexdigest())
-
+            die(f"{where}: field '{k}' should be {getattr(kind, '__name__', 'a number')}, "
+                f"found {d[k]!r}")
 
 @contextmanager
 def replaced(path):
-    """A temp file beside path, renamed over it (fsync'd) when the
-    block ends, removed if it fails: a reader sees the old file or the
-    new one, never half of one."""
+    """A temp file, renamed over path if the block succeeds (fsync'd),
+    removed if not: a reader sees the old file or the new one."""
     tmp = path + '.tmp'
     try:
         with open(tmp, 'wb') as f:
@@ -422,48 +342,105 @@ def replaced(path):
             e.filename = path
         raise
 
-
 def write_bytes(data, path):
-    need, free = len(data), shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-    if need > free:  # (the old file stays until the new one is whole)
-        die(f"saving {path} needs {need / 1e6:,.0f} MB free beside the last "
-            f"saved one, the disk has {free / 1e6:,.0f} MB: free space and rerun")
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if len(data) > free:  # (the old file stays until the new one is whole)
+        die(f"saving {path} needs {len(data) / 1e6:,.0f} MB free beside the last saved "
+            f"one, the disk has {free / 1e6:,.0f} MB: free space and rerun")
     with replaced(path) as f:
         f.write(data)
-
-# -----------------------------------------------------------------------------
-# atomic writes, checkpoints and teachers
-
 
 def write_json(d, path):
     write_bytes(dumps(d, indent=1).encode(), path)
 
+# -----------------------------------------------------------------------------
+# the data
+
+DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens=int,
+                 val_tokens=int, train_docs=int, val_docs=int, train_crc32=int,
+                 val_crc32=int, val_fraction=(int, float), source=list)
+SCANNED = {}  # (path, size, mtime, tokens used) -> sha256 of those tokens
+
+def check_data(data_dir, split, T, max_seqs, env):
+    """(split.bin, its tokens to use, the vocabulary size), once meta.json,
+    the file's size and crc32 and every token id are checked."""
+    meta = read_json(os.path.join(data_dir, 'meta.json'), "run prepare_data.py", DATA_META)
+    path, V = os.path.join(data_dir, f'{split}.bin'), meta['vocab_size']
+    need_file(path, "rerun prepare_data.py")
+    size = os.path.getsize(path)
+    if size != 2 * meta[f'{split}_tokens']:
+        die(f"{path} has {size} bytes, meta.json says {meta[f'{split}_tokens']} uint16 "
+            f"tokens: rerun prepare_data.py")
+    n = min(size // 2, max_seqs * T + 1) if max_seqs else size // 2
+    if n < T + 1:
+        die(f"{path} holds {n} tokens, fewer than one block of {T}+1: use a smaller "
+            f"--block_size or more data")
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n)
+    if key in SCANNED:
+        return path, n, V
+    # one pass in chunks, never the whole file in RAM. Every rank scans
+    # for itself: none waits in a collective (and its timeout) for rank 0
+    tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(size // 2,))
+    crc, largest, sha = 0, 0, hashlib.sha256()
+    for i in range(0, len(tokens), 1 << 24):
+        chunk = tokens[i:i + (1 << 24)]
+        crc = zlib.crc32(chunk, crc)
+        largest = max(largest, int(chunk.max()))
+        sha.update(chunk[:max(n - i, 0)].tobytes())
+    if crc != meta[f'{split}_crc32']:
+        die(f"{path} does not match the checksum in {data_dir}/meta.json: it is damaged "
+            f"(or was changed after prepare_data.py); rerun prepare_data.py")
+    if largest >= V:
+        die(f"{path} holds token ids >= vocab_size {V}: not made with this tokenizer")
+    SCANNED[key] = sha.hexdigest()
+    return path, n, V
+
+def data_fingerprint(tokens, path, env):
+    """{path, n_tokens, sha256 of those tokens}, from check_data's pass."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, len(tokens))
+    return dict(path=key[0], n_tokens=len(tokens), sha256=SCANNED[key])
+
+# -----------------------------------------------------------------------------
+# checkpoints, metrics and teachers
 
 def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config, evals):
-    """Everything an exact resume needs, and its crc32: the plain model,
-    the optimizer's moments, the scaler, the RNG, the step, the config
-    and every eval so far (a resume rebuilds metrics.jsonl from them).
-    Serialised in memory first: a full disk is then an OSError."""
+    """All an exact resume needs, and its crc32; the evals so far too (a
+    resume rebuilds metrics.jsonl). Serialised in memory first, so that
+    a full disk is an OSError, not torch's RuntimeError."""
     state = dict(model=model.state_dict(), model_config=asdict(model.config),
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                  rng=torch.get_rng_state(), iter_num=it, best_val_loss=best_val_loss,
                  config=config, evals=evals)
-    state['crc32'] = digest(state)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(dict(state, crc32=digest(state)), buffer)
     write_bytes(buffer.getbuffer(), path)
 
+def load_checkpoint(path):
+    """A checkpoint, crc32 checked; weights_only: it cannot run code."""
+    need_file(path, "train it first (--mode teacher or train), or fix the path")
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        crc = ckpt.pop('crc32')
+        assert {'model', 'model_config', 'config', 'iter_num'} <= set(ckpt)
+    except Exception as e:
+        die(f"{path} is not a valid rskd checkpoint ({type(e).__name__}): it is "
+            f"damaged or not ours")
+    if crc != digest(ckpt):
+        die(f"{path} does not match its checksum: it is damaged; use a copy, or "
+            f"train it again")
+    return dict(ckpt, path=path, loaded_mtime=os.stat(path).st_mtime_ns)
 
 def restore(ckpt, model, optimizer, scaler, inputs, cfg):
-    """Load a checkpoint into a new run: (iteration, best val loss).
-    The run must read the inputs the saved one did (data, cache,
-    teacher: each {path, sha256})."""
+    """(iteration, best val loss) of a checkpoint loaded into a run that
+    reads the inputs the saved one did (data, cache, teacher)."""
     path = ckpt['path']
     for kind, now in inputs.items():
         was = ckpt['config'].get('inputs', {}).get(kind)
         if was and now and was['sha256'] != now['sha256']:
-            die(f"{path} was trained with other {kind} ({was.get('path') or was['name']}) than "
-                f"this run's {now.get('path') or now['name']}: resume it with its own {kind}")
+            die(f"{path} was trained with other {kind} ({was.get('path') or was['name']}) "
+                f"than this run's {now.get('path') or now['name']}: resume it with its own")
     try:
         model.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
@@ -477,74 +454,47 @@ def restore(ckpt, model, optimizer, scaler, inputs, cfg):
               f"{cfg.max_iters}: nothing to train; raise --max_iters to go on")
     return ckpt['iter_num'], ckpt['best_val_loss']
 
-
 def start_metrics(metrics_path, ckpt):
-    """The evals so far, and metrics.jsonl rewritten to hold exactly
-    those: none for a new run; a resumed run's from its checkpoint
-    (whatever a kill left after it, or before a line was appended)."""
+    """The evals so far (a resume's, from its checkpoint); metrics.jsonl
+    rewritten to hold exactly those, whatever a kill left."""
     evals = ckpt['evals'] if ckpt else []
     write_bytes(''.join(dumps(e) + '\n' for e in evals).encode(), metrics_path)
     return list(evals)
 
+def log_eval(metrics_path, record):
+    """Append an eval's line to metrics.jsonl (after its checkpoint)."""
+    with open(metrics_path, 'a') as f:
+        f.write(dumps(record) + '\n')
+        f.flush()
+        os.fsync(f.fileno())
+    shown = ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept')
+    print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown
+                                                if k in record))
+
+def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
+    """The training line: loss, lr, time, tok/s, MFU (known GPUs), ETA."""
+    tok_s = tokens_per_step / dt
+    mfu = model.estimate_mfu(tok_s / env.world, env.name, env.dtype)
+    mfu = f", mfu {mfu:.1%}" if mfu else ''
+    print(f"iter {it}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
+          f"{tok_s:,.0f} tok/s{mfu}, ETA {(cfg.max_iters - it) * step_time:.0f}s", flush=True)
 
 def last_good(ckpt_path):
     if os.path.exists(ckpt_path):
         return f"{ckpt_path} holds the last good state"
     return "nothing was saved"
 
-
-def log_eval(metrics_path, record):
-    """Append one eval's JSON line to metrics.jsonl (after its checkpoint is saved) and print it."""
-    with open(metrics_path, 'a') as f:
-        f.write(dumps(record) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-    shown = ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept')
-    print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown if k in record))
-
-
-def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
-    """The training line: loss, learning rate, this step's time and tok/s, the MFU (on GPUs of a known
-    peak), and the ETA from the mean step time."""
-    tok_s = tokens_per_step / dt
-    mfu = model.estimate_mfu(tok_s / env.world, env.name, env.dtype)
-    mfu = f", mfu {mfu:.1%}" if mfu else ''
-    print(f"iter {it}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, {tok_s:,.0f} tok/s"
-          f"{mfu}, ETA {(cfg.max_iters - it) * step_time:.0f}s", flush=True)
-
-
 def check_val_loss(val_loss, it, ckpt_path):
     if not math.isfinite(val_loss):
         die(f"the val loss is {val_loss} at iter {it}: not saved, {last_good(ckpt_path)}")
 
-
 def check_step(loss, grad_norm, scaled, it, ckpt_path):
-    """Stop before an update from a non-finite loss or gradient (fp16's
-    GradScaler skips overflowed steps itself: then only the loss counts)."""
+    """No update from a non-finite loss or gradient (fp16's scaler skips
+    overflowed steps itself)."""
     if not math.isfinite(loss) or (not scaled and not math.isfinite(grad_norm)):
-        die(f"the loss became {loss} (gradient norm {grad_norm}) at iter {it}; "
-            f"stopped before the update, {last_good(ckpt_path)}. Lower "
-            f"--learning_rate or check the data and cache")
-
-
-def load_checkpoint(path):
-    """A checkpoint of ours, checked against its crc32. weights_only:
-    tensors, dicts and numbers only, so that a file cannot run code."""
-    if not os.path.isfile(path):
-        die(f"checkpoint {path} not found: train it first (--mode teacher or "
-            f"--mode train) or fix the path")
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-        crc = ckpt.pop('crc32')
-        assert {'model', 'model_config', 'config', 'iter_num'} <= set(ckpt)
-    except Exception as e:
-        die(f"{path} is not a valid rskd checkpoint ({type(e).__name__}): it "
-            f"is damaged or not ours")
-    if crc != digest(ckpt):
-        die(f"{path} does not match its checksum: it is damaged; use a copy, "
-            f"or train it again")
-    return dict(ckpt, path=path, loaded_mtime=os.stat(path).st_mtime_ns)
-
+        die(f"the loss became {loss} (gradient norm {grad_norm}) at iter {it}; stopped "
+            f"before the update, {last_good(ckpt_path)}. Lower --learning_rate or "
+            f"check the data and cache")
 
 def weights_sha256(model):
     h = hashlib.sha256()
@@ -553,195 +503,180 @@ def weights_sha256(model):
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-
 def load_teacher(name, vocab_size, block_size, env):
-    """A frozen teacher in eval mode, and {name, sha256 of its weights} to record in caches."""
+    """(frozen teacher, {name, sha256}): ours, or a Hugging Face GPT-2."""
     hf = name in HF_TEACHERS or os.path.isdir(name)
     if os.path.isdir(name) and not os.path.exists(os.path.join(name, 'config.json')):
-        die(f"teacher {name} is a folder without config.json: pass a --mode teacher checkpoint file "
-            f"({os.path.join(name, 'ckpt.pt')}?) or a Hugging Face GPT-2 folder")
+        die(f"teacher {name} is a folder without config.json: pass a --mode teacher "
+            f"checkpoint ({os.path.join(name, 'ckpt.pt')}?) or a Hugging Face GPT-2 folder")
     if hf:
         try:
             import transformers  # only Hugging Face teachers need it
+            c = transformers.AutoConfig.from_pretrained(name)
         except ImportError:
             die(f"teacher {name} is a Hugging Face model: pip install transformers")
-        try:
-            c = transformers.AutoConfig.from_pretrained(name)
         except (OSError, ValueError) as e:
             die(f"could not load Hugging Face teacher {name}: {first_line(e)}")
-        shape = dict(vocab_size=getattr(c, 'vocab_size', None), block_size=getattr(c, 'n_positions', None))
+        shape = dict(vocab_size=getattr(c, 'vocab_size', None),
+                     block_size=getattr(c, 'n_positions', None))
         name = name if name in HF_TEACHERS else os.path.abspath(name)
     else:
         ckpt = load_checkpoint(name)
         shape, name = ckpt['model_config'], os.path.abspath(name)
-    # check before loading the weights: the vocabulary first, as a non-GPT-2 model fails here
+    # checked before the weights load: a non-GPT-2 model fails here
     if shape.get('vocab_size') != vocab_size:
-        die(f"teacher {name} has a vocabulary of {shape.get('vocab_size')} tokens, the data has {vocab_size}: "
-            f"the teacher must use the data's tokenizer")
+        die(f"teacher {name} has a vocabulary of {shape.get('vocab_size')} tokens, the "
+            f"data has {vocab_size}: the teacher must use the data's tokenizer")
     if hf and c.model_type != 'gpt2':
-        die(f"teacher {name} is a {c.model_type} model: only GPT-2-architecture teachers load into model.py")
+        die(f"teacher {name} is a {c.model_type} model: only GPT-2 teachers load into model.py")
     if (shape.get('block_size') or 0) < block_size:
-        die(f"teacher {name} has block_size {shape.get('block_size')}, shorter than --block_size {block_size}")
-    if hf:
-        try:
-            model = GPT.from_pretrained(name)
-        except Exception as e:  # no network, no weights, damaged ones
-            die(f"could not load the weights of Hugging Face teacher {name}: {first_line(e)}")
-    else:
-        try:
-            model = GPT(GPTConfig(**shape))
+        die(f"teacher {name} has block_size {shape.get('block_size')}, shorter than "
+            f"--block_size {block_size}")
+    try:
+        model = GPT.from_pretrained(name) if hf else GPT(GPTConfig(**shape))
+        if not hf:
             model.load_state_dict(ckpt['model'])
-        except (TypeError, RuntimeError):
-            die(f"{name} does not hold the weights of a model.py GPT: it is not a teacher checkpoint")
+    except Exception as e:  # no network, no weights, damaged ones, not a GPT
+        die(f"could not load the weights of teacher {name}: {first_line(e)}")
     if not all(bool(p.isfinite().all()) for p in model.parameters()):
         die(f"teacher {name} has weights that are not finite: it is damaged")
     info = dict(name=name, sha256=weights_sha256(model))
-    return model.to(env.device).to_teacher(env.dtype), info  # frozen; float32 logits
-
+    return model.to(env.device).to_teacher(env.dtype), info  # float32 logits
 
 def find_teacher(cfg, required, cache_meta, vocab_size, env):
-    """(teacher, {name, sha256}): the cache's own teacher if it still exists, else --teacher (none in
-    --mode teacher); (None, None) with a note when the run needs it only for metrics. A cache's
-    teacher must be the one it was made from."""
+    """(teacher, about): the cache's own if it exists, else --teacher;
+    (None, None) if none is found and only the metrics need it."""
     names = [cfg.teacher] if cfg.mode == 'train' else []
     if cache_meta:
         names = [cache_meta['teacher']['name'], cfg.teacher]
-    cache_dir, block_size = cfg.cache_dir, cfg.block_size
     hf_ok = importlib.util.find_spec('transformers') is not None
     found = [n for n in names if (n in HF_TEACHERS and hf_ok) or os.path.exists(n)]
     if not found and not required:
         if names and env.master:
             print(f"note: teacher {names[-1]} not found, so no kl_teacher/spec_accept metrics")
         return None, None
-    teacher, info = load_teacher((found or names)[0], vocab_size, block_size, env)
+    teacher, info = load_teacher((found or names)[0], vocab_size, cfg.block_size, env)
     if cache_meta and info['sha256'] != cache_meta['teacher']['sha256']:
-        die(f"teacher {info['name']} is not the one {cache_dir} was made from: pass that one with --teacher")
+        die(f"teacher {info['name']} is not the one {cfg.cache_dir} was made from: pass "
+            f"that one with --teacher")
     return teacher, info
 
 # -----------------------------------------------------------------------------
-# the cache on disk: meta.json, and the files that an entry of rskd.FORMATS describes. Nothing here
-# knows a method or a format's file: the entry says it all. The layout's own files are seq_offsets
-# (ragged formats: where each sequence's entries start) and checksums (a crc32 per sequence).
+# the cache on disk: meta.json, and the files that a FORMATS entry
+# describes. Nothing here knows a method or a format's file: the entry
+# says it all. The layout's own files: seq_offsets (ragged formats:
+# where each sequence's entries start), checksums (a crc32 a sequence).
 
-
-CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int, num_seqs=int, seed=int,
-                  split=str, teacher=dict(name=str, sha256=str), data=dict(path=str, n_tokens=int, sha256=str),
-                  ids_dtype=str, dtype=str, device=str, device_name=str, batch_size=int, torch=str,
-                  complete=bool, seqs_done=int, entries=int)
-# recorded, not compared on resume: on CUDA the draws depend on the GPU model, the batch size (kernel
-# choice) and the torch version, so a cache resumed with others is exact but not bit-identical
+CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int,
+                  num_seqs=int, seed=int, split=str, teacher=dict(name=str, sha256=str),
+                  data=dict(path=str, n_tokens=int, sha256=str), ids_dtype=str, dtype=str,
+                  device=str, device_name=str, batch_size=int, torch=str, complete=bool,
+                  seqs_done=int, entries=int)
+# recorded, not compared on resume: on CUDA the draws depend on the GPU,
+# the batch size (kernel choice) and torch, so such a resume is exact
+# but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries')
 FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
 
-# The value checks a FORMATS entry lists for its files. Each takes (values, starts, meta): a batch's
-# values of one file (numpy), the index of each position's first value among them, and the cache's
-# meta.json; True if every value is one rskd writes.
-
+# The value checks a FORMATS entry lists for its files. Each takes
+# (values, starts, meta): a batch's values of one file, the index of
+# each position's first value among them, and the cache's meta.json;
+# True if every value is one rskd writes.
 
 def in_vocab(a, starts, meta):
     """token ids: 0 <= id < vocab_size"""
     return a.size == 0 or bool(a.min() >= 0 and a.max() < meta['vocab_size'])
 
-
 def at_least_1(a, starts, meta):
     return bool((a >= 1).all())
-
 
 def positive(a, starts, meta):
     """finite and > 0"""
     return bool(np.isfinite(a).all() and (a > 0).all())
 
-
 def probability(a, starts, meta):
     """finite, in [0, 1]"""
     return bool(np.isfinite(a).all() and (a >= 0).all() and (a <= 1).all())
 
-
 def ordered(a, starts, bad):
-    """False if bad(next - this) holds for two neighbours within a position"""
+    """False if bad(next - this) for two neighbours in a position"""
     within = np.ones(len(a), bool)
-    within[starts] = False  # a position's first value follows the previous position's
+    within[starts] = False  # a position's first value follows another's
     return not bad(np.diff(a.astype(np.float64)))[within[1:]].any()
-
 
 def ascending(a, starts, meta):
     """strictly ascending within each position"""
     return ordered(a, starts, lambda step: step <= 0)
 
-
 def descending(a, starts, meta):
     """not ascending anywhere within a position"""
     return ordered(a, starts, lambda step: step > 0)
 
-
 def sums_to(option):
-    """each position's values sum to the cache's option (such as rounds)"""
+    """each position's values sum to the cache's option (rounds...)"""
     def check(a, starts, meta):
-        return a.size == 0 or bool((np.add.reduceat(a.astype(np.int64), starts) == meta[option]).all())
+        sums = np.add.reduceat(a.astype(np.int64), starts)
+        return a.size == 0 or bool((sums == meta[option]).all())
     check.__name__ = f'sums_to_{option}'
     return check
 
-
 def check_format(method, formats, config_cls=None, objectives=None):
-    """A FORMATS entry holds every piece the pipeline uses, each file has a dtype, a width and value
-    checks: whatever a fork leaves out stops here, named, before a cache is written or read."""
-    fmt = formats[method]
-    where = f"FORMATS['{method}']"
+    """Whatever a fork's FORMATS entry leaves out stops here, named."""
+    fmt, where = formats[method], f"FORMATS['{method}']"
+
+    def fault(what):
+        raise RuntimeError(f"{where}{what}")
     missing = [k for k in FORMAT_KEYS if k not in fmt]
     if missing:
-        raise RuntimeError(f"{where} has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
+        fault(f" has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
     if objectives is not None and fmt['loss'] not in objectives:
-        raise RuntimeError(f"{where} trains with loss {fmt['loss']!r}, which has no OBJECTIVES entry")
+        fault(f" trains with loss {fmt['loss']!r}, which has no OBJECTIVES entry")
     for name, kind in fmt['meta'].items():
+        f = config_cls and config_cls.__dataclass_fields__.get(name)
         if name in CACHE_META:
-            raise RuntimeError(f"{where}: every cache records {name} already: drop it from its meta")
-        field = config_cls and config_cls.__dataclass_fields__.get(name)
-        if config_cls and (not field or field.type is not kind):
-            raise RuntimeError(f"{where}: its meta option {name} ({kind.__name__}) needs a Config field "
-                               f"of the same type")
+            fault(f": every cache records {name} already: drop it from its meta")
+        if config_cls and (not f or f.type is not kind):
+            fault(f": its meta option {name} ({kind.__name__}) needs a Config field of "
+                  f"the same type")
     for name, spec in fmt['files'].items():
         if not isinstance(spec, tuple) or len(spec) != 3:
-            raise RuntimeError(f"{where}: file '{name}' must be (dtype, per, checks)")
+            fault(f": file '{name}' must be (dtype, per, checks)")
         dtype, per, checks = spec
-        if not isinstance(checks, (list, tuple)) or not checks or not all(callable(c) for c in checks):
-            raise RuntimeError(f"{where}: file '{name}' has no value checks: list what its values must satisfy "
-                               f"(in_vocab, positive, ... in guardrails.py, or a function of your own)")
-        if dtype != 'ids':
-            try:
-                np.dtype(dtype)
-            except TypeError:
-                raise RuntimeError(f"{where}: file '{name}' has dtype {dtype!r}, which numpy does not know")
+        if not isinstance(checks, (list, tuple)) or not checks or not all(map(callable, checks)):
+            fault(f": file '{name}' has no value checks: list what its values must "
+                  f"satisfy (in_vocab, positive, ... in guardrails.py, or your own)")
+        try:
+            np.dtype(dtype if dtype != 'ids' else 'int32')
+        except TypeError:
+            fault(f": file '{name}' has dtype {dtype!r}, which numpy does not know")
         if per not in ('position', 'entry') and fmt['meta'].get(per) is not int:
-            raise RuntimeError(f"{where}: file '{name}' has per={per!r}: use 'position', 'entry' or an "
-                               f"int option of its meta")
+            fault(f": file '{name}' has per={per!r}: use 'position', 'entry' or an int "
+                  f"option of its meta")
         if name in ('seq_offsets', 'checksums', 'meta'):
-            raise RuntimeError(f"{where}: '{name}' is a file of every cache: give yours another name")
+            fault(f": '{name}' is a file of every cache: give yours another name")
+    pers = [per for _, per, _ in fmt['files'].values()]
     ragged = fmt['ragged']
     if ragged is not None and fmt['files'].get(ragged, (0, 0))[1:2] != ('position',):
-        raise RuntimeError(f"{where}: ragged={ragged!r} must name its file of one count per position")
-    if ragged is None and any(per == 'entry' for _, per, _ in fmt['files'].values()):
-        raise RuntimeError(f"{where} has files per 'entry': name the file that counts them in ragged=")
+        fault(f": ragged={ragged!r} must name its file of one count per position")
+    if ragged is None and 'entry' in pers:
+        fault(" has files per 'entry': name the file that counts them in ragged=")
     return fmt
 
-
 class RecordedOptions(SimpleNamespace):
-    def __getattr__(self, name):  # (only called for a name that is not there)
-        raise AttributeError(f"a target function read cfg.{name}, which its FORMATS entry's meta does not "
-                             f"record: add {name} there, so that the cache records it and a resume with "
-                             f"another value is refused")
-
+    def __getattr__(self, name):  # (called only for a name not there)
+        raise AttributeError(
+            f"a target function read cfg.{name}, which its FORMATS entry's meta does not "
+            f"record: add {name} there, so that the cache records it and a resume with "
+            f"another value is refused")
 
 def recorded_options(cfg, fmt):
-    """The options a cache's target function may read: exactly those its meta.json records (its
-    FORMATS entry's 'meta'), so that no option that shapes a cache goes unrecorded."""
+    """The options a target may read: those its meta.json records."""
     common = ('seed', 'block_size', 'split')  # (every cache records these)
     return RecordedOptions(**{name: getattr(cfg, name) for name in (*common, *fmt['meta'])})
 
-
 def cache_files(meta, formats):
-    """name -> (numpy dtype, per) of each file of a cache, in checksum order: its format's files, then
-    seq_offsets (ragged formats) and checksums."""
+    """name -> (dtype, per) of a cache's files, in checksum order."""
     fmt = check_format(meta['method'], formats)
     files = {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, per)
              for name, (dtype, per, _) in fmt['files'].items()}
@@ -750,53 +685,53 @@ def cache_files(meta, formats):
     files['checksums'] = ('uint32', 'crc')
     return files
 
-
 def width(meta, per):
-    """Values per position of a fixed-width file: 1, or the option that per names (k)."""
+    """Values per position of a fixed-width file: 1, or its option (k)."""
     return 1 if per == 'position' else meta[per]
 
-
 def file_sizes(meta, formats):
-    """Each file's numpy dtype and number of elements once meta['seqs_done'] sequences are written."""
+    """Each file's dtype and element count at meta['seqs_done']."""
     P, S = meta['seqs_done'] * meta['block_size'], meta['seqs_done']
     count = dict(entry=meta['entries'], sequence=S + 1, crc=S)
     return {name: (dtype, count[per] if per in count else P * width(meta, per))
             for name, (dtype, per) in cache_files(meta, formats).items()}
 
+def spans(offsets, first, meta, per, seqs):
+    """Each sequence's (lo, hi) elements in a file (None: damaged)."""
+    T = meta['block_size']
+    if per == 'entry':  # between seq_offsets[s] and [s + 1]
+        out = [(int(offsets[s - first]), int(offsets[s + 1 - first])) for s in seqs]
+        if any(not 0 <= hi - lo <= T * 255 for lo, hi in out):
+            return None  # damaged offsets: read nothing (the checksums say so)
+        return out
+    if per == 'sequence':  # the sequence's own start and end
+        return [(s, s + 2) for s in seqs]
+    n = T * width(meta, per)  # fixed width: the file's size bounds these
+    return [(s * n, (s + 1) * n) for s in seqs]
 
 def sequence_crcs(arrays, units, meta, seqs, base):
-    """crc32 of each sequence in seqs over its bytes in every file, in file order. arrays[name] holds
-    the file's elements from global element base[name] on; in a ragged format arrays['seq_offsets']
-    gives where each sequence's entries start. The writer and the reader both use this."""
-    crcs = []
+    """crc32 of each sequence over its bytes in every file; arrays[name]
+    holds the file from element base[name] on. (Writer and reader.)"""
     offsets, first = arrays.get('seq_offsets'), base.get('seq_offsets', 0)
-    T = meta['block_size']
+    crcs = []
     for s in seqs:
         crc = 0
         for name, (_, per) in units.items():
-            if per == 'entry':
-                lo, hi = int(offsets[s - first]), int(offsets[s + 1 - first])
-                if not 0 <= hi - lo <= T * 255:  # damaged offsets: read nothing
-                    crc = -1
-                    break
-            elif per == 'sequence':  # the sequence's own start and end
-                lo, hi = s, s + 2
-            elif per == 'crc':
-                continue
-            else:
-                n = T * width(meta, per)
-                lo, hi = s * n, (s + 1) * n
-            crc = zlib.crc32(np.ascontiguousarray(arrays[name][lo - base[name]:hi - base[name]]), crc)
+            where = per != 'crc' and spans(offsets, first, meta, per, [s])
+            if where is None:
+                crc = -1
+                break
+            for lo, hi in where or []:
+                crc = zlib.crc32(np.ascontiguousarray(
+                    arrays[name][lo - base[name]:hi - base[name]]), crc)
         crcs.append(crc)
     return crcs
 
-
 def failed_check(meta, fmt, rows):
-    """The format's value checks on a batch's rows (name -> numpy array): None if every one holds,
-    else which one failed."""
+    """The value check that a batch's rows fail, or None."""
     for name, (_, per, checks) in fmt['files'].items():
         values = rows[name]
-        if per == 'entry':  # ragged: each position's count of entries is in fmt['ragged']
+        if per == 'entry':  # ragged: fmt['ragged'] counts each position's
             counts = rows[fmt['ragged']].astype(np.int64)
             if counts.sum() != len(values):
                 return f"the count of '{name}' ({fmt['ragged']})"
@@ -808,18 +743,8 @@ def failed_check(meta, fmt, rows):
                 return f"{check.__name__} of '{name}'"
     return None
 
-
-def damaged(cache_dir, seqs):
-    """The message for damaged sequences: which ones, and what to do."""
-    ranges = to_ranges(seqs)
-    shown = ', '.join(f"{a}-{b}" if a != b else f"{a}" for a, b in ranges[:5]) + (", ..." if len(ranges) > 5 else "")
-    return (f"{cache_dir} is damaged: sequence(s) {shown} do not match their checksums or hold values rskd "
-            f"never writes; run --mode verify --cache_dir {cache_dir} to list every damaged range, then make "
-            f"the cache again with --mode cache (into an empty --cache_dir)")
-
-
 def to_ranges(seqs):
-    """Sorted sequence numbers -> [(first, last), ...] of consecutive runs."""
+    """Sorted sequence numbers -> [(first, last), ...] of their runs."""
     ranges = []
     for s in seqs:
         if ranges and s == ranges[-1][1] + 1:
@@ -828,10 +753,16 @@ def to_ranges(seqs):
             ranges.append((s, s))
     return ranges
 
+def damaged(cache_dir, seqs):
+    ranges = [f"{a}-{b}" if a != b else f"{a}" for a, b in to_ranges(seqs)]
+    shown = ', '.join(ranges[:5]) + (", ..." if len(ranges) > 5 else "")
+    return (f"{cache_dir} is damaged: sequence(s) {shown} do not match their checksums "
+            f"or hold values rskd never writes; run --mode verify --cache_dir {cache_dir} "
+            f"to list every damaged range, then make the cache again with --mode cache "
+            f"(into an empty --cache_dir)")
 
 def read_cache_meta(cache_dir, formats):
-    """CACHE_DIR/meta.json, checked against its checksum, the common
-    schema and its method's own fields."""
+    """CACHE_DIR/meta.json, checked."""
     path = os.path.join(cache_dir, 'meta.json')
     if not os.path.exists(path):
         die(f"no cache in {cache_dir}: make one with --mode cache --cache_dir {cache_dir}")
@@ -842,268 +773,268 @@ def read_cache_meta(cache_dir, formats):
         die(f"{cache_dir} holds no cache of this version of rskd: {fix}")
     if not isinstance(method, str) or method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: {fix}")
-    fmt = check_format(method, formats)
-    return read_json(path, fix, {**CACHE_META, **fmt['meta']})
-
+    return check_fields(meta, {**CACHE_META, **check_format(method, formats)['meta']},
+                        path, fix) or meta
 
 def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
-    """The cache's files, memory-mapped, after checking each one's size against meta.json. tail_ok:
-    an incomplete cache's files may run past the last commit (a rerun cuts that off); only the
-    committed part is mapped."""
+    """The files, memory-mapped, once their sizes match meta.json (tail_ok:
+    past it, as an interrupted cache's may be)."""
     mm = {}
     for name, (dt, n) in file_sizes(meta, formats).items():
         path = os.path.join(cache_dir, f'{name}.bin')
         size = os.path.getsize(path) if os.path.isfile(path) else -1
-        if size != n * np.dtype(dt).itemsize and not (tail_ok and size > n * np.dtype(dt).itemsize):
-            die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is damaged; make "
-                f"it again with --mode cache into an empty --cache_dir")
+        want = n * np.dtype(dt).itemsize
+        if size != want and not (tail_ok and size > want):
+            die(f"{path} does not have the size {cache_dir}/meta.json gives: the cache is "
+                f"damaged; make it again with --mode cache into an empty --cache_dir")
         mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,)) if n else np.zeros(0, dt)
     return mm
 
-
 def read_rows(mm, units, meta, seqs):
-    """The stored elements of sequences seqs, file by file (no offsets, no checksums)."""
-    rows, T = {}, meta['block_size']
+    """The stored elements of sequences seqs, file by file."""
+    rows = {}
     for name, (_, per) in units.items():
-        if per == 'entry':  # ragged: sequence s's entries lie between seq_offsets[s] and [s+1]
-            spans = [(int(mm['seq_offsets'][s]), int(mm['seq_offsets'][s + 1])) for s in seqs]
-            if any(not 0 <= a <= b <= min(len(mm[name]), a + T * 255) for a, b in spans):
-                spans = [(0, 0)] * len(spans)  # damaged offsets: the checksums report them
-        elif per in ('sequence', 'crc'):
+        if per in ('sequence', 'crc'):
             continue
-        else:  # fixed width: the file's size (checked) bounds these
-            n = T * width(meta, per)
-            spans = [(s * n, (s + 1) * n) for s in seqs]
-        rows[name] = np.concatenate([mm[name][a:b] for a, b in spans])
+        where = spans(mm.get('seq_offsets'), 0, meta, per, seqs)
+        if where is None or any(hi > len(mm[name]) for _, hi in where):
+            where = [(0, 0)]  # damaged offsets: the checksums report them
+        rows[name] = np.concatenate([mm[name][lo:hi] for lo, hi in where])
     return rows
 
-
 def bad_sequences(mm, units, meta, fmt, seqs, rows):
-    """The sequences of seqs whose bytes fail their checksum or whose values fail the format's checks."""
+    """The sequences failing their checksum or the format's checks."""
     crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
     bad = {s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]}
-    if not bad and failed_check(meta, fmt, rows):  # find which, one by one
-        bad = {s for s in seqs if failed_check(meta, fmt, read_rows(mm, units, meta, [s]))}
-    elif bad:
-        whole = [s for s in seqs if s not in bad]
-        if whole and failed_check(meta, fmt, read_rows(mm, units, meta, whole)):
-            bad |= {s for s in whole if failed_check(meta, fmt, read_rows(mm, units, meta, [s]))}
+    whole = [s for s in seqs if s not in bad]
+    if whole and failed_check(meta, fmt, rows if not bad else read_rows(mm, units, meta, whole)):
+        bad |= {s for s in whole if failed_check(meta, fmt, read_rows(mm, units, meta, [s]))}
     return sorted(bad)
 
-
 def cache_reader(cfg, loss, V, data, formats, checked=True):
-    """(meta, read) for a training run: read(seqs) gives the batch's stored values, name -> tensor (ids
-    as int64), from the memory-mapped files; checked against their checksums and the format's values
-    before any step uses them (damage stops the run with one line)."""
+    """(meta, read): read(seqs) gives a batch's stored values, name ->
+    tensor, checked before a step uses them."""
     meta = read_cache_meta(cfg.cache_dir, formats)
-    check_cache_for_run(meta, cfg, loss, V, data, formats)  # complete, for this loss, T and data
-    mm = cache_memmaps(cfg.cache_dir, meta, formats)  # each file's size checked against meta.json
+    check_cache_for_run(meta, cfg, loss, V, data, formats)
+    mm = cache_memmaps(cfg.cache_dir, meta, formats)
     fmt, units = formats[meta['method']], cache_files(meta, formats)
-    about = hashlib.sha256(json.dumps({k: meta[k] for k in meta if k not in RECORDED}).encode())
-    about.update(mm['checksums'].tobytes())  # what a resume of the run compares
-    meta['identity'] = dict(name=os.path.abspath(cfg.cache_dir), sha256=about.hexdigest())
     ids = [name for name, (dtype, _, _) in fmt['files'].items() if dtype == 'ids']
+    about = hashlib.sha256(json.dumps({k: meta[k] for k in meta if k not in RECORDED}).encode())
+    about.update(mm['checksums'].tobytes())  # (what a resume of the run compares)
+    meta['identity'] = dict(name=os.path.abspath(cfg.cache_dir), sha256=about.hexdigest())
 
     def read(seqs):
         rows = read_rows(mm, units, meta, seqs)
-        if checked:
-            bad = bad_sequences(mm, units, meta, fmt, seqs, rows)
-            if bad:
-                die(damaged(cfg.cache_dir, bad))
-        return {name: torch.from_numpy(a.astype(np.int64) if name in ids else a) for name, a in rows.items()}
+        bad = checked and bad_sequences(mm, units, meta, fmt, seqs, rows)
+        if bad:
+            die(damaged(cfg.cache_dir, bad))
+        return {name: torch.from_numpy(a.astype(np.int64) if name in ids else a)
+                for name, a in rows.items()}
     return meta, read
 
+def check_cache_for_run(meta, cfg, loss, V, data, formats):
+    """Complete, and made for this loss, block size, vocabulary, data."""
+    T, fix = cfg.block_size, f"make a matching one with --mode cache --cache_dir {cfg.cache_dir}"
+    if formats[meta['method']]['loss'] != loss:
+        want = ' or '.join(m for m, f in formats.items() if f['loss'] == loss)
+        die(f"{cfg.cache_dir} is a {meta['method']} cache, --loss {loss} needs a {want} "
+            f"cache: pass another --cache_dir")
+    if not meta['complete']:
+        die(f"{cfg.cache_dir} is incomplete ({meta['seqs_done']}/{meta['num_seqs']} "
+            f"sequences): rerun --mode cache to finish it")
+    if meta['block_size'] != T:
+        die(f"{cfg.cache_dir} was made with block_size {meta['block_size']}, this run uses "
+            f"{T}: pass --block_size {meta['block_size']}")
+    if meta['split'] != 'train' or meta['vocab_size'] != V:
+        die(f"{cfg.cache_dir} holds {meta['split']} targets over {meta['vocab_size']} "
+            f"tokens, not train over {V}: {fix}")
+    if meta['data']['sha256'] != data['sha256']:
+        die(f"{cfg.cache_dir} was made from other training data ({meta['data']['n_tokens']:,} "
+            f"tokens of {meta['data']['path']}, this run uses {data['n_tokens']:,}; check "
+            f"--data_dir and --max_seqs): {fix}")
 
 def verify_cache(cfg, env, formats):
-    """--mode verify: every committed sequence of CACHE_DIR against its checksum and the format's
-    values, and the data in --data_dir against its own checksum and the cache's fingerprint. Lists
-    every damaged range; exits 1 if there is one."""
+    """--mode verify: every committed sequence and the data; lists every
+    damaged range (exit 1)."""
     meta = read_cache_meta(cfg.cache_dir, formats)
     mm = cache_memmaps(cfg.cache_dir, meta, formats, tail_ok=not meta['complete'])
     units, S, T = cache_files(meta, formats), meta['seqs_done'], meta['block_size']
-    fmt = formats[meta['method']]
     if not meta['complete']:
-        print(f"note: {cfg.cache_dir} is incomplete: its {S:,} committed sequences are verified, and "
-              f"--mode cache resumes it")
-    split = os.path.join(cfg.data_dir, f"{meta['split']}.bin")
+        print(f"note: {cfg.cache_dir} is incomplete: its {S:,} committed sequences are "
+              f"verified, and --mode cache resumes it")
     if os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
-        # the tokens it covers: all of the split, or the first max_seqs * T + 1 (--max_seqs)
-        n_file = os.path.getsize(split) // 2 if os.path.isfile(split) else 0
-        max_seqs = 0 if meta['data']['n_tokens'] == n_file else (meta['data']['n_tokens'] - 1) // T
-        path, n, _ = check_data(cfg.data_dir, meta['split'], T, max_seqs, env)
+        # the tokens it covers: all of the split, or the first max_seqs * T + 1
+        n, split = meta['data']['n_tokens'], os.path.join(cfg.data_dir, f"{meta['split']}.bin")
+        whole = os.path.isfile(split) and n == os.path.getsize(split) // 2
+        path, n, _ = check_data(cfg.data_dir, meta['split'], T, 0 if whole else (n - 1) // T, env)
         tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(n,))
         if data_fingerprint(tokens, path, env)['sha256'] != meta['data']['sha256']:
-            die(f"{cfg.cache_dir} was made from other tokens than {path}'s: pass the --data_dir it was made from")
+            die(f"{cfg.cache_dir} was made from other tokens than {path}'s: pass the "
+                f"--data_dir it was made from")
         print(f"verify: {path} matches its checksum and the cache's data fingerprint")
     else:
-        print(f"note: no data in --data_dir {cfg.data_dir}, so only the cache itself is verified")
+        print(f"note: no data in --data_dir {cfg.data_dir}, so only the cache is verified")
     bad, t0 = [], time.time()
     progress = progress_printer('verify', 'positions', 0, S * T)
     for lo in range(0, S, 1024):
         seqs = list(range(lo, min(lo + 1024, S)))
-        bad += bad_sequences(mm, units, meta, fmt, seqs, read_rows(mm, units, meta, seqs))
+        rows = read_rows(mm, units, meta, seqs)
+        bad += bad_sequences(mm, units, meta, formats[meta['method']], seqs, rows)
         progress(seqs[-1] * T + T)
-    size = sum(os.path.getsize(os.path.join(cfg.cache_dir, f'{name}.bin')) for name in units)
-    dt = max(time.time() - t0, 1e-9)
+    size = sum(os.path.getsize(os.path.join(cfg.cache_dir, f'{n}.bin')) for n in units)
     for a, b in to_ranges(bad):
         print(f"damaged: sequences {a}-{b} (positions {a * T:,}-{(b + 1) * T - 1:,})")
     if bad:
-        die(f"{cfg.cache_dir}: {len(bad):,} of {S:,} sequences are damaged, in the {len(to_ranges(bad))} "
-            f"ranges above: make the cache again with --mode cache (into an empty --cache_dir)")
-    print(f"verify: {cfg.cache_dir} is intact: {S:,} sequences{'' if meta['complete'] else ' (so far)'}, "
-          f"{size / 1e6:,.1f} MB in {dt:.1f}s ({size / 1e6 / dt:,.0f} MB/s)")
-
-
-def resume_cache(cache_dir, meta, formats, env):
-    """The progress saved in CACHE_DIR/meta.json when it holds the same cache, else the new meta. A
-    cache made differently (teacher, data, method, options) is refused; a complete one is checked."""
-    if not os.path.exists(os.path.join(cache_dir, 'meta.json')):  # every rank checks, all stop together
-        return meta
-    old = read_cache_meta(cache_dir, formats)
-    for key in meta:
-        a, b = old.get(key), meta[key]
-        if key in RECORDED and a != b and meta['device'] == 'cuda' and env.master:
-            print(f"note: {cache_dir} was started with {key} {a}, now {b}: on CUDA the rest will not be "
-                  f"bit-identical to an uninterrupted cache (its draws are still exact)")
-        if key not in PROGRESS + RECORDED and (a.get('sha256') != b['sha256'] if key in ('teacher', 'data') else a != b):
-            die(f"{cache_dir} holds a cache made with a different {key} ({a} vs now {b}): use another "
-                f"--cache_dir, or move it away to start over")
-    if old['complete']:
-        cache_memmaps(cache_dir, old, formats)  # its files are whole
-        if env.master:
-            print(f"{cache_dir} is complete ({old['num_seqs']} sequences): nothing to do")
-    return old
-
+        die(f"{cfg.cache_dir}: {len(bad):,} of {S:,} sequences are damaged, in the "
+            f"{len(to_ranges(bad))} ranges above: make the cache again with --mode cache "
+            f"(into an empty --cache_dir)")
+    dt = max(time.time() - t0, 1e-9)
+    print(f"verify: {cfg.cache_dir} is intact: {S:,} sequences"
+          f"{'' if meta['complete'] else ' (so far)'}, {size / 1e6:,.1f} MB in {dt:.1f}s "
+          f"({size / 1e6 / dt:,.0f} MB/s)")
 
 def write_cache(cfg, env, formats, S, V, teacher, data):
-    """--mode cache's writer. A new cache gets its meta.json (what it holds, what made it, how far it
-    got) and empty files; an interrupted one is cut back to its last commit and resumed. Returns None
-    when the cache is complete already, else a CacheWriter."""
+    """A CacheWriter (None: complete). A new cache gets its meta.json (what
+    it holds, what made it, how far it got); an interrupted one resumes
+    from its last commit; another cache there is refused."""
     fmt = check_format(cfg.method, formats)
     for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
-        if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids per position than the vocabulary has)
+        if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids than tokens)
             die(f"--{per} must be 1 to the vocabulary size {V}, got {getattr(cfg, per)}")
-    meta = dict(format='rskd-cache', version=3, method=cfg.method, vocab_size=V, block_size=cfg.block_size,
-                num_seqs=S, seed=cfg.seed, split=cfg.split, teacher=teacher, data=data,
-                ids_dtype='uint16' if V <= 65536 else 'int32', dtype=env.dtype, device=env.type,
-                device_name=env.name, batch_size=cfg.batch_size, torch=torch.__version__,
-                complete=False, seqs_done=0, entries=0)
-    meta.update({name: getattr(cfg, name) for name in fmt['meta']})  # the options its target reads
-    meta = resume_cache(cfg.cache_dir, meta, formats, env)  # its saved progress; refuses another cache
-    return None if meta['complete'] else CacheWriter(cfg, env, meta, formats)
-
+    meta = dict(format='rskd-cache', version=3, method=cfg.method, vocab_size=V,
+                block_size=cfg.block_size, num_seqs=S, seed=cfg.seed, split=cfg.split,
+                teacher=teacher, data=data, ids_dtype='uint16' if V <= 65536 else 'int32',
+                dtype=env.dtype, device=env.type, device_name=env.name,
+                batch_size=cfg.batch_size, torch=torch.__version__, complete=False,
+                seqs_done=0, entries=0)
+    meta.update({name: getattr(cfg, name) for name in fmt['meta']})  # its target's
+    path = os.path.join(cfg.cache_dir, 'meta.json')
+    if os.path.exists(path):  # every rank checks; all stop together
+        old = read_cache_meta(cfg.cache_dir, formats)
+        for key, now in meta.items():
+            was = old.get(key)
+            if key in RECORDED and was != now and env.type == 'cuda' and env.master:
+                print(f"note: {cfg.cache_dir} was started with {key} {was}, now {now}: on "
+                      f"CUDA the rest is exact but not bit-identical")
+            if key in ('teacher', 'data'):
+                was, now = was.get('sha256'), now['sha256']
+            if key not in PROGRESS + RECORDED and was != now:
+                die(f"{cfg.cache_dir} holds a cache made with a different {key} ({was} vs "
+                    f"now {now}): use another --cache_dir, or move it away to start over")
+        meta = old
+        if meta['complete']:
+            cache_memmaps(cfg.cache_dir, meta, formats)  # its files are whole
+            if env.master:
+                print(f"{cfg.cache_dir} is complete ({S} sequences): nothing to do")
+            return None
+    return CacheWriter(cfg, env, meta, formats)
 
 class CacheWriter:
-    """Appends each batch's parts and commits them: the data and checksums made durable, then
-    meta.json, which never runs ahead of the data. .start is the first sequence still to do."""
+    """Appends and commits each batch's parts. .start: the first to do."""
 
     def __init__(self, cfg, env, meta, formats):
-        self.cfg, self.env, self.meta, self.fmt = cfg, env, meta, formats[meta['method']]
-        self.units = cache_files(meta, formats)
-        self.handles = open_cache_files(cfg.cache_dir, meta, formats, env)  # rank 0's; cut to last commit
+        self.cfg, self.env, self.meta = cfg, env, meta
+        self.fmt, self.units = formats[meta['method']], cache_files(meta, formats)
+        self.handles = open_cache_files(cfg.cache_dir, meta, formats, env)
         self.pending, self.start = [], meta['seqs_done']
         self.t0 = self.committed = time.time()
         T = meta['block_size']
-        self.progress = progress_printer('cache', 'positions', self.start * T, meta['num_seqs'] * T)
+        self.progress = progress_printer('cache', 'positions', self.start * T,
+                                         meta['num_seqs'] * T)
 
     def add(self, part, seqs, done):
-        """part: the target's dict for this rank's sequences seqs (None if it has none); done: the
-        sequences finished once every rank's part of this round is in."""
-        if part is not None:
-            part = self.checked(part, len(seqs))
-        self.pending += gather_on_master(part, self.env)  # rank 0 gets all, in rank order = sequence order
-        due = done == self.meta['num_seqs'] or time.time() - self.committed >= self.cfg.commit_seconds
-        if self.env.master and due:
+        """part: the target's output for seqs (None: none); done: the
+        sequences finished once every rank's part is in."""
+        part = part if part is None else self.checked(part, len(seqs))
+        self.pending += gather_on_master(part, self.env)  # in sequence order
+        last = done == self.meta['num_seqs']
+        if self.env.master and (last or time.time() - self.committed >= self.cfg.commit_seconds):
             commit_chunk(self.handles, self.pending, self.meta, done, self.cfg.cache_dir, self.fmt)
             self.pending, self.committed = [], time.time()
             self.progress(self.meta['seqs_done'] * self.meta['block_size'])
 
     def checked(self, part, n):
-        """The target's tensors as the files' numpy arrays, after checking them against the entry: a
-        fork's target that returns other files, sizes or values than its entry says is named here."""
-        where, T = f"FORMATS['{self.meta['method']}']: its target", self.meta['block_size']
-        if set(part) != set(self.fmt['files']) or not all(isinstance(t, torch.Tensor) for t in part.values()):
-            raise RuntimeError(f"{where} must return exactly its files {sorted(self.fmt['files'])} as tensors, "
-                               f"not {sorted(part)}")
+        """The target's tensors as arrays, once they match its entry."""
+        where = f"FORMATS['{self.meta['method']}']: its target"
+        files = self.fmt['files']
+        if set(part) != set(files) or not all(isinstance(t, torch.Tensor) for t in part.values()):
+            raise RuntimeError(f"{where} must return exactly its files {sorted(files)} as "
+                               f"tensors, not {sorted(part)}")
         raw = {name: t.detach().cpu().numpy().reshape(-1) for name, t in part.items()}
         arrays = {name: a.astype(self.units[name][0]) for name, a in raw.items()}
-        for name, (_, per, _) in self.fmt['files'].items():
-            want = int(arrays[self.fmt['ragged']].sum()) if per == 'entry' else n * T * width(self.meta, per)
+        for name, (_, per, _) in files.items():
+            want = (int(arrays[self.fmt['ragged']].sum()) if per == 'entry' else
+                    n * self.meta['block_size'] * width(self.meta, per))
             if len(arrays[name]) != want:
-                raise RuntimeError(f"{where} gave {len(arrays[name])} values of '{name}' for {n} sequences, "
-                                   f"not {want}")
+                raise RuntimeError(f"{where} gave {len(arrays[name])} values of '{name}' "
+                                   f"for {n} sequences, not {want}")
             if arrays[name].dtype.kind in 'ui' and not np.array_equal(arrays[name], raw[name]):
-                raise RuntimeError(f"{where} gave values of '{name}' that its dtype {arrays[name].dtype} "
-                                   f"cannot hold")
+                raise RuntimeError(f"{where} gave values of '{name}' that its dtype "
+                                   f"{arrays[name].dtype} cannot hold")
         failed = failed_check(self.meta, self.fmt, arrays)
         if failed:
             raise RuntimeError(f"{where} gave values that {failed} refuses")
         return arrays
 
     def finish(self):
-        return finish_cache(self.handles, self.meta, self.cfg.cache_dir, self.start, self.t0, self.env)
-
+        return finish_cache(self.handles, self.meta, self.cfg.cache_dir, self.start, self.t0,
+                            self.env)
 
 def open_cache_files(cache_dir, meta, formats, env):
-    """Rank 0's append handles, name -> (file, dtype, per). A new cache's files hold what file_sizes
-    gives for no sequences: nothing, or seq_offsets' leading 0. On resume the files are cut back to what
-    meta.json has committed, and a chunk written after the last commit is redone."""
-    sizes = file_sizes(meta, formats)
+    """Rank 0's handles, name -> (file, dtype, per): new files, or files
+    cut back to the last commit (a chunk after it is redone)."""
     units = cache_files(meta, formats)
-    files = {name: (os.path.join(cache_dir, f'{name}.bin'), dt, n) for name, (dt, n) in sizes.items()}
-    meta_path = os.path.join(cache_dir, 'meta.json')
+    files = {name: (os.path.join(cache_dir, f'{name}.bin'), dt, n)
+             for name, (dt, n) in file_sizes(meta, formats).items()}
     if env.master:
         os.makedirs(cache_dir, exist_ok=True)
         for name, (path, dt, n) in files.items():
-            if not meta['seqs_done']:  # a new cache: empty files, and the first sequence starts at entry 0
+            size = n * np.dtype(dt).itemsize
+            if not meta['seqs_done']:  # a new cache: empty files
                 with open(path, 'wb') as f:
                     f.write(np.zeros(n, dt).tobytes())
-            elif os.path.exists(path) and os.path.getsize(path) >= n * np.dtype(dt).itemsize:
-                with open(path, 'r+b') as f:  # resume: cut any tail written after the last commit
-                    f.truncate(n * np.dtype(dt).itemsize)
+            elif os.path.isfile(path) and os.path.getsize(path) >= size:
+                os.truncate(path, size)  # resume: cut a tail after the last commit
             else:
-                die(f"{path} is shorter than {meta_path} says: the cache is damaged; make it again in an empty --cache_dir")
+                die(f"{path} is shorter than its meta.json says: the cache is damaged; make "
+                    f"it again in an empty --cache_dir")
         if meta['seqs_done']:
             print(f"resuming {cache_dir} at sequence {meta['seqs_done']}/{meta['num_seqs']}")
         else:
-            write_json(meta, meta_path)
+            write_json(meta, os.path.join(cache_dir, 'meta.json'))
     if env.ddp:
         dist.barrier()
-    if not env.master:
-        return {}
-    # unbuffered: a failed commit leaves no bytes in Python's buffers, to land later behind a resume
-    return {name: (open(path, 'ab', buffering=0), dt, units[name][1]) for name, (path, dt, n) in files.items()}
-
+    # unbuffered: a failed commit leaves no bytes in Python's buffers
+    return {name: (open(path, 'ab', buffering=0), dt, units[name][1])
+            for name, (path, dt, n) in files.items()} if env.master else {}
 
 def commit_chunk(handles, parts, meta, seqs_done, cache_dir, fmt):
-    """Append the parts (one per rank, in sequence order; None for a rank without sequences) to their
-    files, each sequence's crc32 to checksums.bin, make them all durable, then record seqs_done in
-    meta.json: meta.json never runs ahead of the data."""
+    """Append the parts (a rank's each) and their crc32s, fsync, then
+    record seqs_done: meta.json never runs ahead of the data."""
     units = {name: (dt, per) for name, (_, dt, per) in handles.items()}
     T, ragged = meta['block_size'], fmt['ragged']
-    # entries: the values of the first ragged file (or of the first file) per sequence
+    fixed = {n: per for n, (_, per) in units.items() if per not in ('entry', 'sequence', 'crc')}
+    # entries: the values of the first ragged file (or first file)
     counted = next((n for n, (_, per) in units.items() if per == 'entry'), next(iter(units)))
-    arrays = {name: [] for name in handles}
-    first = meta['seqs_done']
+    arrays, first = {name: [] for name in handles}, meta['seqs_done']
     for part in filter(None, parts):
-        one_per_position = next(n for n, (_, per) in units.items() if per not in ('entry', 'sequence', 'crc'))
-        n = len(part[one_per_position]) // (T * width(meta, units[one_per_position][1]))  # sequences in it
-        base = {name: first * T * width(meta, per) for name, (_, per) in units.items()
-                if per not in ('entry', 'sequence', 'crc')}
+        name, per = next(iter(fixed.items()))
+        n = len(part[name]) // (T * width(meta, per))  # sequences in it
+        base = {name: first * T * width(meta, per) for name, per in fixed.items()}
         base.update({name: meta['entries'] for name, (_, per) in units.items() if per == 'entry'})
         if ragged:  # each sequence's start, then where each one ends
-            per_seq = part[ragged].reshape(n, -1).sum(1, dtype=np.uint64)
-            part['seq_offsets'] = meta['entries'] + np.concatenate([[0], np.cumsum(per_seq)]).astype(np.uint64)
+            ends = np.cumsum(part[ragged].reshape(n, -1).sum(1, dtype=np.uint64))
+            part['seq_offsets'] = meta['entries'] + np.concatenate([[0], ends]).astype(np.uint64)
             base['seq_offsets'] = first
         crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
         part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
-        if ragged:
-            part['seq_offsets'] = part['seq_offsets'][1:]  # the file holds the leading 0 already
+        if ragged:  # (the file holds the leading 0 already)
+            part['seq_offsets'] = part['seq_offsets'][1:]
         for name in handles:
             arrays[name].append(part[name])
         meta['entries'] += len(part[counted])
         first += n
-    for name, (f, dt, _) in handles.items():  # (a failed write: entry_point says so; a rerun cuts it off)
+    for name, (f, dt, _) in handles.items():  # (a failed write: a rerun cuts it off)
         for a in arrays[name]:
             data = memoryview(a.astype(dt).tobytes())
             while data:  # an unbuffered write may take only part
@@ -1111,14 +1042,11 @@ def commit_chunk(handles, parts, meta, seqs_done, cache_dir, fmt):
     for f, _, _ in handles.values():
         f.flush()
         os.fsync(f.fileno())
-    meta['seqs_done'] = seqs_done
-    meta['complete'] = seqs_done == meta['num_seqs']
+    meta.update(seqs_done=seqs_done, complete=seqs_done == meta['num_seqs'])
     write_json(meta, os.path.join(cache_dir, 'meta.json'))
 
-
 def finish_cache(handles, meta, cache_dir, start, t0, env):
-    """The caching loop's throughput (tok/s, for the bench); rank 0 closes the files and prints the
-    cache's size per position."""
+    """Close the files, print the size; the throughput (tok/s)."""
     if env.type == 'cuda':
         torch.cuda.synchronize()
     tok_s = (meta['num_seqs'] - start) * meta['block_size'] / (time.time() - t0)
@@ -1134,97 +1062,11 @@ def finish_cache(handles, meta, cache_dir, start, t0, env):
           f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")
     return tok_s
 
-
-def check_cache_for_run(meta, cfg, loss, V, data, formats):
-    """A training run may read this cache: complete, and made for this loss, block size, vocabulary and data."""
-    T, fix = cfg.block_size, f"make a matching one with --mode cache --cache_dir {cfg.cache_dir}"
-    if formats[meta['method']]['loss'] != loss:
-        want = ' or '.join(m for m, f in formats.items() if f['loss'] == loss)
-        die(f"{cfg.cache_dir} is a {meta['method']} cache, --loss {loss} needs a {want} cache: pass another --cache_dir")
-    if not meta['complete']:
-        die(f"{cfg.cache_dir} is incomplete ({meta['seqs_done']}/{meta['num_seqs']} sequences): rerun --mode cache to finish it")
-    if meta['block_size'] != T:
-        die(f"{cfg.cache_dir} was made with block_size {meta['block_size']}, this run uses {T}: pass --block_size {meta['block_size']}")
-    if meta['split'] != 'train' or meta['vocab_size'] != V:
-        die(f"{cfg.cache_dir} holds {meta['split']} targets over {meta['vocab_size']} tokens, not train over {V}: {fix}")
-    if (meta['data']['n_tokens'], meta['data']['sha256']) != (data['n_tokens'], data['sha256']):
-        die(f"{cfg.cache_dir} was made from other training data ({meta['data']['n_tokens']:,} tokens of "
-            f"{meta['data']['path']}, this run uses {data['n_tokens']:,}; check --data_dir and --max_seqs): {fix}")
-
-
 # -----------------------------------------------------------------------------
-# exact and fast sampling: the kernels behind rskd.py's sparse targets. Tokens are grouped in G groups
-# of ~16, token j in group j % G, so that a (V // G, G) view reduces every group in one pass.
-
-
-def invert_cdf(p, points, group_size=16):
-    """The token at each point: p (rows, V), unnormalised probabilities; points (rows, N) in (0, 1].
-    Point u picks the token i whose interval (cdf[i-1], cdf[i]] holds u * sum(p): token i with
-    probability p_i / sum(p). The CDF has two levels, accumulated in float64: the group that holds the
-    point, then the token in it. A flat float32 CDF would lose probabilities below ~1e-8, and rounding
-    could land a point on a token of probability 0: here it never does."""
-    V = p.shape[-1]
-    mass = group_reduce(p, 'sum', group_size)  # (rows, G)
-    cdf = mass.cumsum(-1, dtype=torch.float64)
-    total = cdf[:, -1:]
-    if not bool(((total > 0) & (total < math.inf)).all()):  # nothing to draw from (one sync)
-        die("a row to sample has no finite mass: the teacher's probabilities are not finite, or a "
-            "--proposal_temperature far from 1 underflowed them; use one closer to 1")
-    points = points * total  # (rows, N)
-    group = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # the first cdf >= point
-    cols = group_members(group, V, group_size)  # (rows, N, members)
-    vals = p.gather(-1, cols.clamp(max=V - 1).flatten(1)).view(cols.shape).double()
-    inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the group's own CDF
-    # where the point lies in its group: cdf[group] is the group's END, so (point - end) / mass is in
-    # (-1, 0], and + 1 makes it the share of the group's mass below the point; rescaled to the inner
-    # CDF and kept in (0, total], so that it never lands on a zero-probability token
-    offset = (points - cdf.gather(-1, group)) / mass.gather(-1, group) + 1
-    offset = (offset * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny)
-    offset = torch.minimum(offset, inner[..., -1])
-    member = torch.searchsorted(inner, offset.unsqueeze(-1))  # (rows, N, 1)
-    return cols.gather(-1, member).squeeze(-1)
-
-
-def group_reduce(probs, op, group_size=16):
-    """(..., V) -> (..., G): the 'sum' or 'max' of each group. One pass over a (V // G, G) view, then
-    the last V % G tokens join the first groups."""
-    reduce, combine = (torch.sum, torch.add) if op == 'sum' else (torch.amax, torch.maximum)
-    V = probs.shape[-1]
-    n_groups = -(-V // group_size)
-    full = V // n_groups * n_groups  # the tokens of the (V // G, G) view
-    out = reduce(probs[..., :full].unflatten(-1, (-1, n_groups)), -2)
-    out[..., :V - full] = combine(out[..., :V - full], probs[..., full:])
-    return out
-
-
-def group_members(groups, V, group_size=16):
-    """Group numbers (...) -> the ids of their tokens (..., V // G + 1); an id >= V is none."""
-    n_groups = -(-V // group_size)
-    return groups.unsqueeze(-1) + n_groups * torch.arange(V // n_groups + 1, device=groups.device)
-
-
-def top_k(probs, k, group_size=16):
-    """torch.topk(probs, k) as (values, ids), exact, and a few times faster on CPU for k << V: the k
-    largest values lie in the k groups with the largest maxima (a token outside them is beaten by each
-    of those k maxima), so only their members are sorted. (Equal values may come out reordered.)"""
-    V = probs.shape[-1]
-    if k * group_size > V // 4:  # few groups: the candidates would cost more than a plain topk
-        top = probs.topk(k, dim=-1)
-        return top.values, top.indices
-    groups = group_reduce(probs, 'max', group_size).topk(k, dim=-1).indices  # (..., k)
-    cols = group_members(groups, V, group_size).flatten(-2)
-    vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, float('-inf'))
-    top = vals.topk(k, dim=-1)
-    return top.values, cols.gather(-1, top.indices)
-
-
-# -----------------------------------------------------------------------------
-# progress, stopping and user errors
-
+# progress, folders, signals and errors
 
 def progress_printer(what, unit, start, total, every=5.0):
-    """progress(done) prints 'what done/total unit, tok/s, ETA' at most every `every` seconds, and at
-    the end; done and total count tokens (positions)."""
+    """progress(done): 'done/total, tok/s, ETA' every few seconds."""
     t0, last = time.time(), [0.0]
 
     def progress(done):
@@ -1236,11 +1078,46 @@ def progress_printer(what, unit, start, total, every=5.0):
                   f"ETA {(total - done) / max(tok_s, 1e-9):.0f}s", flush=True)
     return progress
 
+def output_folder(cfg, env):
+    """The folder this rank writes (None: none; verify may read only)."""
+    folder = cfg.cache_dir if cfg.mode in ('cache', 'verify') else cfg.out_dir
+    if env.master and (cfg.mode != 'verify' or os.access(folder, os.W_OK)):
+        return folder
+
+@contextmanager
+def folder_lock(folder, ckpt=None):
+    """One writer per folder: an flock, which the OS drops when its holder
+    dies. A folder that this run made and left empty goes."""
+    if folder is None:
+        yield
+        return
+    new = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, '.lock')
+    with open(lock, 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            die(f"{folder} is in use by another rskd run (process {f.read().strip() or '?'}): "
+                f"wait for it to finish, or use another folder")
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        if ckpt and os.stat(ckpt['path']).st_mtime_ns != ckpt['loaded_mtime']:
+            die(f"{ckpt['path']} was saved by another run as this one started: run again")
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            if new and os.listdir(folder) == ['.lock']:
+                os.remove(lock)
+                os.rmdir(folder)
 
 @contextmanager
 def stop_requested():
-    """Yields a list that Ctrl-C or SIGTERM appends to: the loop finishes its step, saves and exits. The
-    first signal restores the previous handler, so a second one stops at once."""
+    """A list that signals append to; a second signal stops at once."""
     stop = []
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
@@ -1255,10 +1132,8 @@ def stop_requested():
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
-
 def stop_everywhere(stop, env):
-    """The signal that asked some rank to stop, or 0: under DDP every
-    rank stops at the same step, with the same exit status."""
+    """The signal that stopped any rank (0: none): all stop together."""
     sig = stop[0] if stop else 0
     if env.ddp:
         flag = torch.tensor(sig, device=env.device)
@@ -1266,65 +1141,19 @@ def stop_everywhere(stop, env):
         sig = int(flag.item())
     return sig
 
-
-def output_folder(cfg, env):
-    """The folder this rank writes (None: none): out_dir, or cache_dir
-    in cache and verify modes (verify only reads: read-only is fine)."""
-    folder = cfg.cache_dir if cfg.mode in ('cache', 'verify') else cfg.out_dir
-    if env.master and (cfg.mode != 'verify' or os.access(folder, os.W_OK)):
-        return folder
-
-
-@contextmanager
-def folder_lock(folder, ckpt=None):
-    """One writer per folder (None: this rank writes none): an flock on
-    FOLDER/.lock, held for the run. The OS drops it when its holder
-    dies, so a killed run never blocks the next; the file keeps the
-    holder's pid. A folder that this run made and left empty goes."""
-    if folder is None:
-        yield
-        return
-    new = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
-    lock = os.path.join(folder, '.lock')
-    with open(lock, 'a+') as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            die(f"{folder} is in use by another rskd run (process "
-                f"{f.read().strip() or '?'}): wait for it to finish, or use another folder")
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        if ckpt and os.stat(ckpt['path']).st_mtime_ns != ckpt['loaded_mtime']:
-            die(f"{ckpt['path']} was saved by another run while this one "
-                f"started: run the command again")
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            if new and os.listdir(folder) == ['.lock']:
-                os.remove(lock)
-                os.rmdir(folder)
-
-
 class Interrupted(Exception):
-    """A signal reached the run: args (signal number[, what was saved])."""
+    """A signal stopped the run: args (signal number[, what it saved])."""
 
+INTERRUPTS = []  # signals received: what fails after one is part of the stop
 
 def interrupt(sig, frame):
     INTERRUPTS.append(sig)
     raise Interrupted(sig)
 
-
 @contextmanager
 def entry_point():
-    """Every entry point's error boundary. A user's mistake, a failing
-    disk or a signal ends in one line and an exit status that tells the
-    truth (1; 130 after Ctrl-C, 143 after SIGTERM), never a traceback.
-    Temp files go where they are made (replaced); work saved stays."""
+    """Every entry point's error boundary: a mistake, a failing disk or a
+    signal ends in one line, exit 1 (128 + a signal), no traceback."""
     INTERRUPTS.clear()
     handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1336,32 +1165,30 @@ def entry_point():
             INTERRUPTS.append(signal.SIGINT)
         if INTERRUPTS or isinstance(e, Interrupted):
             sig = e.args[0] if isinstance(e, Interrupted) else INTERRUPTS[0]
-            saved = e.args[1] if isinstance(e, Interrupted) and len(e.args) > 1 else (
-                "work is kept up to the last save: rerun the same command to go on")
+            said = e.args[1:] if isinstance(e, Interrupted) else ()
             if os.environ.get('RANK', '0') == '0':
-                print(f"interrupted ({signal.Signals(sig).name}): {saved}", file=sys.stderr)
+                print(f"interrupted ({signal.Signals(sig).name}): " + (said or (
+                    "work is kept up to the last save: rerun the same command to go on",))[0],
+                    file=sys.stderr)
             sys.exit(128 + sig)
+        if isinstance(e, FloatingPointError):  # numbers a run cannot go on from
+            die(str(e))
         if not isinstance(e, OSError):
             raise
         path = e.filename2 or e.filename  # (a rename's destination is filename2)
         if isinstance(e, (IsADirectoryError, NotADirectoryError)):
             what = 'a folder where rskd needs a file' if os.path.isdir(path) else 'not a folder'
             die(f"{path} is {what}: move it away or pass another path")
-        die(f"{e.strerror or e}{': ' + str(path) if path else ''}: fix that and "
-            f"rerun the same command; work saved before is intact")
+        die(f"{e.strerror or e}{': ' + str(path) if path else ''}: fix that and rerun the "
+            f"same command; work saved before is intact")
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
 
-
-INTERRUPTS = []  # signals received: whatever fails after one is part of the stop
-
-
 @contextmanager
 def ddp_teardown(env):
-    """Under DDP, free DDP (and the gloo work it holds) while Python is fully alive, then end the
-    process group: left to interpreter shutdown, a gloo worker can abort a finished run. A finished
-    run first waits for every rank (rank 0 may still be saving), so none takes the group down early."""
+    """End DDP while Python is alive (at shutdown, gloo can abort a
+    finished run), once every rank is done."""
     try:
         yield
         if env.ddp:
@@ -1370,4 +1197,3 @@ def ddp_teardown(env):
         if env.ddp:
             gc.collect()
             dist.destroy_process_group()
-

@@ -2,7 +2,8 @@
 A small GPT-2 style language model, shaped like nanoGPT's model.py.
 
 The parameter names are GPT-2's own (transformer.h.0.attn.c_attn, ...), so that Hugging Face GPT-2
-weights load into it with nothing but a transpose (see GPT.from_pretrained).
+weights load into it with nothing but a transpose (see GPT.from_pretrained). At the end: the exact
+and fast kernels that rskd.py's sparse targets sample and rank with (invert_cdf, top_k).
 """
 import math
 from contextlib import nullcontext
@@ -190,3 +191,69 @@ PEAK_FLOPS = [('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H
 
 def peak_flops(device_name):
     return next((flops for name, flops in PEAK_FLOPS if name in device_name), None)
+
+
+# -----------------------------------------------------------------------------
+# exact and fast sampling: the kernels behind rskd.py's sparse targets. Tokens are grouped in G groups
+# of ~16, token j in group j % G, so that a (V // G, G) view reduces every group in one pass.
+
+
+def invert_cdf(p, points, group_size=16):
+    """The token at each point: p (rows, V), unnormalised probabilities; points (rows, N) in (0, 1].
+    Point u picks the token i whose interval (cdf[i-1], cdf[i]] holds u * sum(p): token i with
+    probability p_i / sum(p). The CDF has two levels, accumulated in float64: the group that holds the
+    point, then the token in it. A flat float32 CDF would lose probabilities below ~1e-8, and rounding
+    could land a point on a token of probability 0: here it never does."""
+    V = p.shape[-1]
+    mass = group_reduce(p, 'sum', group_size)  # (rows, G)
+    cdf = mass.cumsum(-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    if not bool(((total > 0) & (total < math.inf)).all()):  # nothing to draw from (one sync)
+        raise FloatingPointError("a row to sample has no finite mass: the teacher's probabilities are not "
+                                 "finite, or a --proposal_temperature far from 1 underflowed them; use one closer to 1")
+    points = points * total  # (rows, N)
+    group = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # the first cdf >= point
+    cols = group_members(group, V, group_size)  # (rows, N, members)
+    vals = p.gather(-1, cols.clamp(max=V - 1).flatten(1)).view(cols.shape).double()
+    inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the group's own CDF
+    # where the point lies in its group: cdf[group] is the group's END, so (point - end) / mass is in
+    # (-1, 0], and + 1 makes it the share of the group's mass below the point; rescaled to the inner
+    # CDF and kept in (0, total], so that it never lands on a zero-probability token
+    offset = (points - cdf.gather(-1, group)) / mass.gather(-1, group) + 1
+    offset = (offset * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny)
+    offset = torch.minimum(offset, inner[..., -1])
+    member = torch.searchsorted(inner, offset.unsqueeze(-1))  # (rows, N, 1)
+    return cols.gather(-1, member).squeeze(-1)
+
+
+def group_reduce(probs, op, group_size=16):
+    """(..., V) -> (..., G): the 'sum' or 'max' of each group. One pass over a (V // G, G) view, then
+    the last V % G tokens join the first groups."""
+    reduce, combine = (torch.sum, torch.add) if op == 'sum' else (torch.amax, torch.maximum)
+    V = probs.shape[-1]
+    n_groups = -(-V // group_size)
+    full = V // n_groups * n_groups  # the tokens of the (V // G, G) view
+    out = reduce(probs[..., :full].unflatten(-1, (-1, n_groups)), -2)
+    out[..., :V - full] = combine(out[..., :V - full], probs[..., full:])
+    return out
+
+
+def group_members(groups, V, group_size=16):
+    """Group numbers (...) -> the ids of their tokens (..., V // G + 1); an id >= V is none."""
+    n_groups = -(-V // group_size)
+    return groups.unsqueeze(-1) + n_groups * torch.arange(V // n_groups + 1, device=groups.device)
+
+
+def top_k(probs, k, group_size=16):
+    """torch.topk(probs, k) as (values, ids), exact, and a few times faster on CPU for k << V: the k
+    largest values lie in the k groups with the largest maxima (a token outside them is beaten by each
+    of those k maxima), so only their members are sorted. (Equal values may come out reordered.)"""
+    V = probs.shape[-1]
+    if k * group_size > V // 4:  # few groups: the candidates would cost more than a plain topk
+        top = probs.topk(k, dim=-1)
+        return top.values, top.indices
+    groups = group_reduce(probs, 'max', group_size).topk(k, dim=-1).indices  # (..., k)
+    cols = group_members(groups, V, group_size).flatten(-2)
+    vals = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, float('-inf'))
+    top = vals.topk(k, dim=-1)
+    return top.values, cols.gather(-1, top.indices)

@@ -29,12 +29,12 @@ from guardrails import (
     Interrupted, at_least_1, ascending, cache_reader, check_batching,
     check_data, check_model_size, check_step, check_val_loss,
     data_fingerprint, ddp_teardown, descending, die, entry_point,
-    find_teacher, folder_lock, in_vocab, invert_cdf, load_teacher,
+    find_teacher, folder_lock, in_vocab, load_teacher,
     log_eval, log_step, opt, output_folder, parse_args, positive,
     probability, recorded_options, resolve_config, restore,
     save_checkpoint, setup, start_metrics, stop_everywhere,
-    stop_requested, sums_to, top_k, verify_cache, write_cache)
-from model import GPT, GPTConfig  # GPT(idx): (B, T, V) logits, V real
+    stop_requested, sums_to, verify_cache, write_cache)
+from model import GPT, GPTConfig, invert_cdf, top_k  # GPT(idx): (B, T, V)
 
 # ---------------------------------------------------------------
 # config: each field carries its --help text, for the command line

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import guardrails
+import model
 import prepare_data
 import rskd
 from model import GPT, GPTConfig
@@ -404,7 +405,7 @@ def test_grouped_top_k_equals_torch_topk():
         x = (torch.randn(2, 8, vocab) * 3 - 10).to(dtype)
         x[0, 0, vocab - 5:] = torch.tensor([5., 6., 7., 8., 9.])  # the largest in the tokens that join the first groups
         for k in (1, 5, 12, vocab // 8, vocab):  # the last one falls back to torch.topk
-            values, ids = guardrails.top_k(x, k, group)
+            values, ids = model.top_k(x, k, group)
             assert torch.equal(values, x.topk(k, dim=-1).values), (vocab, k)
             # the ids hold those values, each id once (among equal values the order may differ)
             assert torch.equal(x.gather(-1, ids), values) and (ids.sort(-1).values.diff(dim=-1) > 0).all()
@@ -787,7 +788,7 @@ def test_a_copied_entry_works_under_a_new_name(tmp_path, data, teacher, monkeypa
 def top1_target(probs, cfg, gens):
     """A new sparse target for the fork test: the most probable id, its probability, and its rank among
     the teacher's probabilities rounded to a tenth (a file that means something new)."""
-    values, ids = guardrails.top_k(probs.flatten(0, 1), 1)
+    values, ids = model.top_k(probs.flatten(0, 1), 1)
     return dict(ids=ids, probs=values.half(), tenths=(values * 10).round().to(torch.uint8))
 
 
@@ -855,7 +856,7 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
 
     # ... a target that reads an option its meta does not record (a resume could change it unseen)
     def unrecorded_option(probs, cfg, gens):
-        values, ids = guardrails.top_k(probs.flatten(0, 1), cfg.k)
+        values, ids = model.top_k(probs.flatten(0, 1), cfg.k)
         return dict(ids=ids, probs=values.half(), tenths=(values * 10).round().to(torch.uint8))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', unrecorded_option)
     with pytest.raises(AttributeError, match="read cfg.k, which its FORMATS entry's meta does not record"):
@@ -1127,7 +1128,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'unknown device': (lambda: [*train, '--device', 'tpu'], '--device must be auto, cpu, cuda or cuda:N'),
         'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
         'tail without topk': (lambda: [*train, '--cache_dir', caches['rs'], '--topk_tail', 'ghost'], 'changes only --loss topk, not --loss rskd'),
-        'negative grad_clip': (lambda: [*train, '--grad_clip', -1], '--grad_clip cannot be negative'),
+        'negative grad_clip': (lambda: [*train, '--grad_clip', -1], '--grad_clip must be at least 0, got -1'),
         'cache meta of unknown method': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', method='gumbel'))], "has method 'gumbel'"),
         'teacher folder, not file': (lambda: [*train, '--loss', 'fullkd', '--teacher', os.path.dirname(teacher)], 'folder without config.json'),
         'fullkd teacher with shorter block_size': (lambda: [*train, '--loss', 'fullkd', '--teacher', teacher, '--block_size', 32], 'shorter than --block_size 32'),
@@ -1140,7 +1141,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'data_dir is a file': (lambda: ['--mode', 'train', '--data_dir', a_file()], 'is not a folder'),
         'train.bin is a folder': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: folder_instead(d, 'train.bin'))], 'train.bin is a folder, not a file'),
         'cache meta.json is a folder': (lambda: [*train, '--cache_dir', cache_with(lambda d: folder_instead(d, 'meta.json'))], 'meta.json is a folder, not a file'),
-        'ckpt.pt is a folder': (lambda: (os.makedirs(f'{tmp}/out/ckpt.pt'), [*train, '--resume', 'true'])[1], 'ckpt.pt is a folder, not a checkpoint'),
+        'ckpt.pt is a folder': (lambda: (os.makedirs(f'{tmp}/out/ckpt.pt'), [*train, '--resume', 'true'])[1], 'ckpt.pt is a folder, not a file'),
         'metrics.jsonl is a folder': (lambda: (os.makedirs(f'{tmp}/out/metrics.jsonl'), [*train, '--cache_dir', caches['rs']])[1], 'metrics.jsonl is a folder where rskd needs a file'),
         'nan learning_rate': (lambda: [*train, '--learning_rate', 'nan'], '--learning_rate must be a finite number, got nan'),
         'inf alpha': (lambda: [*train, '--alpha', 'inf'], '--alpha must be a finite number, got inf'),
