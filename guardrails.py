@@ -1,19 +1,10 @@
 """
-The guard rails of rskd.py: what keeps a run from losing work,
-reading the wrong or damaged files, or ending in a traceback, and
-that a reader of the method need not see.
-
-- the command line, made from rskd.Config's fields, and its checks
-- the run's environment: torchrun's ranks, device, dtype, autocast
-- one integrity rule: every file rskd writes records a crc32 of its
-  contents (data and cache: in meta.json; JSON files and checkpoints:
-  in themselves), and every read checks it before the contents are used
-- atomic writes (a temp file, then a rename); checkpoints and
-  teachers loaded as weights only (a file cannot run code)
-- the cache on disk, as each rskd.FORMATS entry describes it: writer,
-  resume, reader, the value checks entries list, --mode verify
-- one run per output folder (an flock); one error boundary per entry
-  point (entry_point): one line and an honest exit status
+The guard rails of rskd.py, which a reader of the method need not see:
+the command line and its checks, the run's environment, one integrity
+rule (every file rskd writes records the crc32 of its contents, and
+every read checks it before use), atomic writes, checkpoint, teacher
+and cache I/O (as each rskd.FORMATS entry describes its files), one
+lock per output folder, and one error boundary per entry point.
 
 A problem the user can fix calls die(): one line, what to do, exit 1.
 """
@@ -23,6 +14,7 @@ import gc
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -86,8 +78,7 @@ def parse_args(config_cls, argv, teacher_defaults, description):
     return {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
 
 def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
-    """(cfg, the checkpoint to resume or None). cfg: the defaults < a
-    resumed run's config < the command line (< the cache's options)."""
+    """(cfg, a checkpoint to resume): defaults < resumed < command line."""
     mode = args.get('mode', config_cls.mode)
     base = dict(teacher_defaults) if mode == 'teacher' else {}
     ckpt, out_dir = None, args.get('out_dir', base.get('out_dir', config_cls.out_dir))
@@ -105,9 +96,8 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
                 f"or use another --out_dir")
     if mode in ('bench', 'verify') and 'RANK' in os.environ:
         die(f"--mode {mode} runs in one process: run it with python, not torchrun")
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world > 1 and not ckpt and 'gradient_accumulation_steps' not in args:
-        args['gradient_accumulation_steps'] = world  # torchrun: a micro-step a rank
+    if not ckpt and 'gradient_accumulation_steps' not in args:  # torchrun: one a rank
+        args['gradient_accumulation_steps'] = int(os.environ.get('WORLD_SIZE', 1))
     cfg = config_cls(**{**base, **args})
     for method in formats:  # a fork's broken entry is named, whatever the run
         check_format(method, formats, config_cls, objectives)
@@ -151,10 +141,9 @@ def check_config(cfg, cached_losses):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             die(f"--{f.name} must be a finite number, got {value}")
-    folders = ['data_dir'] + (['cache_dir'] if cfg.mode in ('cache', 'verify') else [])
-    folders += ['out_dir'] if cfg.mode in ('teacher', 'train', 'bench') else []
-    folders += ['cache_dir'] if cfg.mode == 'train' and cfg.loss in cached_losses else []
-    for name in folders:
+    cached = cfg.mode in ('cache', 'verify') or (cfg.mode == 'train' and cfg.loss in cached_losses)
+    folders = ['data_dir'] + ['cache_dir'] * cached
+    for name in folders + ['out_dir'] * (cfg.mode not in ('cache', 'verify')):
         path = getattr(cfg, name)
         if not path or (os.path.lexists(path) and not os.path.isdir(path)):
             die(f"--{name} {path!r} is not a folder (a file, a broken link or "
@@ -185,10 +174,8 @@ def check_config(cfg, cached_losses):
 def resolve_dtype(dtype, device):
     """auto: float32 on CPU; bfloat16 on GPUs whose tensor cores have it
     (8.0 on), else float16 (is_bf16_supported() counts emulated bf16)."""
-    if dtype != 'auto':
-        return dtype
-    if not device.startswith('cuda'):
-        return 'float32'
+    if dtype != 'auto' or not device.startswith('cuda'):
+        return 'float32' if dtype == 'auto' else dtype
     return 'bfloat16' if torch.cuda.get_device_capability(device)[0] >= 8 else 'float16'
 
 def setup(cfg):
@@ -218,21 +205,18 @@ def setup(cfg):
     env.name = torch.cuda.get_device_name(env.device) if env.type == 'cuda' else env.device
     env.dtype = resolve_dtype(cfg.dtype, env.device)
     # autocast: matmuls in 16 bits; losses, softmaxes, metrics in float32
-    half = env.dtype != 'float32'
-    env.ctx = torch.autocast(env.type, dtype=getattr(torch, env.dtype)) if half else nullcontext()
+    env.ctx = nullcontext() if env.dtype == 'float32' else torch.autocast(
+        env.type, dtype=getattr(torch, env.dtype))
     env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.type == 'cuda')
     return env
 
 def check_model_size(cfg, V, env):
-    """Refuse a model whose weights, gradients, AdamW moments (16 bytes a
-    parameter) and float32 logits do not fit in memory."""
+    """Refuse a model whose weights, grads, AdamW moments, logits won't fit."""
     C, L = cfg.n_embd, cfg.n_layer
     params = (V + 63) // 64 * 64 * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     need = 16 * params + 3 * 4 * cfg.batch_size * cfg.block_size * V
-    if env.type == 'cuda':
-        have = torch.cuda.get_device_properties(env.device).total_memory
-    else:
-        have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    have = (torch.cuda.get_device_properties(env.device).total_memory if env.type == 'cuda'
+            else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
     if need > have:
         die(f"a model of {params / 1e6:,.0f}M parameters needs about {need / 2**30:,.0f} "
             f"GiB, this {env.type} has {have / 2**30:,.0f}: use a smaller --n_layer, "
@@ -262,8 +246,7 @@ def gather_on_master(obj, env):
 
 def need_file(path, what):
     if not os.path.isfile(path):
-        gone = 'is a folder, not a file' if os.path.isdir(path) else 'not found'
-        die(f"{path} {gone}: {what}")
+        die(f"{path} {'is a folder, not a file' if os.path.isdir(path) else 'not found'}: {what}")
 
 def digest(obj, crc=0):
     """crc32 of obj's contents: tensors, numbers, text, in order."""
@@ -362,8 +345,7 @@ DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens
 SCANNED = {}  # (path, size, mtime, tokens used) -> sha256 of those tokens
 
 def check_data(data_dir, split, T, max_seqs, env):
-    """(split.bin, its tokens to use, the vocabulary size), once meta.json,
-    the file's size and crc32 and every token id are checked."""
+    """(split.bin, tokens to use, vocab size), checked: size, crc32, ids."""
     meta = read_json(os.path.join(data_dir, 'meta.json'), "run prepare_data.py", DATA_META)
     path, V = os.path.join(data_dir, f'{split}.bin'), meta['vocab_size']
     need_file(path, "rerun prepare_data.py")
@@ -406,9 +388,8 @@ def data_fingerprint(tokens, path, env):
 # checkpoints, metrics and teachers
 
 def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config, evals):
-    """All an exact resume needs, and its crc32; the evals so far too (a
-    resume rebuilds metrics.jsonl). Serialised in memory first, so that
-    a full disk is an OSError, not torch's RuntimeError."""
+    """All an exact resume needs (and the evals), with its crc32; made in
+    memory first, so that a full disk is an OSError, not a RuntimeError."""
     state = dict(model=model.state_dict(), model_config=asdict(model.config),
                  optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                  rng=torch.get_rng_state(), iter_num=it, best_val_loss=best_val_loss,
@@ -433,8 +414,9 @@ def load_checkpoint(path):
     return dict(ckpt, path=path, loaded_mtime=os.stat(path).st_mtime_ns)
 
 def restore(ckpt, model, optimizer, scaler, inputs, cfg):
-    """(iteration, best val loss) of a checkpoint loaded into a run that
-    reads the inputs the saved one did (data, cache, teacher)."""
+    """(iteration, best val loss) of a checkpoint, if the inputs match."""
+    if not ckpt:
+        return 0, math.inf
     path = ckpt['path']
     for kind, now in inputs.items():
         was = ckpt['config'].get('inputs', {}).get(kind)
@@ -455,8 +437,7 @@ def restore(ckpt, model, optimizer, scaler, inputs, cfg):
     return ckpt['iter_num'], ckpt['best_val_loss']
 
 def start_metrics(metrics_path, ckpt):
-    """The evals so far (a resume's, from its checkpoint); metrics.jsonl
-    rewritten to hold exactly those, whatever a kill left."""
+    """The evals so far; metrics.jsonl rewritten to hold exactly those."""
     evals = ckpt['evals'] if ckpt else []
     write_bytes(''.join(dumps(e) + '\n' for e in evals).encode(), metrics_path)
     return list(evals)
@@ -468,8 +449,7 @@ def log_eval(metrics_path, record):
         f.flush()
         os.fsync(f.fileno())
     shown = ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept')
-    print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown
-                                                if k in record))
+    print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown if k in record))
 
 def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
     """The training line: loss, lr, time, tok/s, MFU (known GPUs), ETA."""
@@ -479,22 +459,14 @@ def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
     print(f"iter {it}/{cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms, "
           f"{tok_s:,.0f} tok/s{mfu}, ETA {(cfg.max_iters - it) * step_time:.0f}s", flush=True)
 
-def last_good(ckpt_path):
-    if os.path.exists(ckpt_path):
-        return f"{ckpt_path} holds the last good state"
-    return "nothing was saved"
-
-def check_val_loss(val_loss, it, ckpt_path):
-    if not math.isfinite(val_loss):
-        die(f"the val loss is {val_loss} at iter {it}: not saved, {last_good(ckpt_path)}")
-
-def check_step(loss, grad_norm, scaled, it, ckpt_path):
-    """No update from a non-finite loss or gradient (fp16's scaler skips
-    overflowed steps itself)."""
-    if not math.isfinite(loss) or (not scaled and not math.isfinite(grad_norm)):
+def check_finite(it, ckpt_path, loss, grad_norm=0.0, scaled=False):
+    """Never save a non-finite val loss, never update from a non-finite
+    loss or gradient (fp16's scaler skips such steps itself)."""
+    if not (math.isfinite(loss) and (scaled or math.isfinite(grad_norm))):
+        last = f"{ckpt_path} holds the last good state" if os.path.exists(ckpt_path) else ""
         die(f"the loss became {loss} (gradient norm {grad_norm}) at iter {it}; stopped "
-            f"before the update, {last_good(ckpt_path)}. Lower --learning_rate or "
-            f"check the data and cache")
+            f"before saving or updating; {last or 'nothing was saved'}. Lower "
+            f"--learning_rate or check the data and cache")
 
 def weights_sha256(model):
     h = hashlib.sha256()
@@ -517,12 +489,11 @@ def load_teacher(name, vocab_size, block_size, env):
             die(f"teacher {name} is a Hugging Face model: pip install transformers")
         except (OSError, ValueError) as e:
             die(f"could not load Hugging Face teacher {name}: {first_line(e)}")
-        shape = dict(vocab_size=getattr(c, 'vocab_size', None),
-                     block_size=getattr(c, 'n_positions', None))
-        name = name if name in HF_TEACHERS else os.path.abspath(name)
+        shape = dict(vocab_size=c.vocab_size, block_size=getattr(c, 'n_positions', None))
     else:
         ckpt = load_checkpoint(name)
-        shape, name = ckpt['model_config'], os.path.abspath(name)
+        shape = ckpt['model_config']
+    name = name if name in HF_TEACHERS else os.path.abspath(name)
     # checked before the weights load: a non-GPT-2 model fails here
     if shape.get('vocab_size') != vocab_size:
         die(f"teacher {name} has a vocabulary of {shape.get('vocab_size')} tokens, the "
@@ -544,8 +515,7 @@ def load_teacher(name, vocab_size, block_size, env):
     return model.to(env.device).to_teacher(env.dtype), info  # float32 logits
 
 def find_teacher(cfg, required, cache_meta, vocab_size, env):
-    """(teacher, about): the cache's own if it exists, else --teacher;
-    (None, None) if none is found and only the metrics need it."""
+    """(teacher, about): the cache's own, or --teacher, or (None, None)."""
     names = [cfg.teacher] if cfg.mode == 'train' else []
     if cache_meta:
         names = [cache_meta['teacher']['name'], cfg.teacher]
@@ -573,102 +543,86 @@ CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_siz
                   device=str, device_name=str, batch_size=int, torch=str, complete=bool,
                   seqs_done=int, entries=int)
 # recorded, not compared on resume: on CUDA the draws depend on the GPU,
-# the batch size (kernel choice) and torch, so such a resume is exact
-# but not bit-identical
+# batch size and torch, so such a resume is exact but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries')
 FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
 
-# The value checks a FORMATS entry lists for its files. Each takes
-# (values, starts, meta): a batch's values of one file, the index of
-# each position's first value among them, and the cache's meta.json;
-# True if every value is one rskd writes.
+# The value checks that FORMATS entries list: (a batch's values of a file,
+# where each position's values start, meta.json) -> all are valid.
 
-def in_vocab(a, starts, meta):
-    """token ids: 0 <= id < vocab_size"""
+def in_vocab(a, starts, meta):  # token ids: 0 <= id < vocab_size
     return a.size == 0 or bool(a.min() >= 0 and a.max() < meta['vocab_size'])
 
 def at_least_1(a, starts, meta):
     return bool((a >= 1).all())
 
-def positive(a, starts, meta):
-    """finite and > 0"""
+def positive(a, starts, meta):  # finite and > 0
     return bool(np.isfinite(a).all() and (a > 0).all())
 
-def probability(a, starts, meta):
-    """finite, in [0, 1]"""
+def probability(a, starts, meta):  # finite, in [0, 1]
     return bool(np.isfinite(a).all() and (a >= 0).all() and (a <= 1).all())
 
-def ordered(a, starts, bad):
-    """False if bad(next - this) for two neighbours in a position"""
+def ordered(a, starts, bad):  # no bad(next - this) within a position
     within = np.ones(len(a), bool)
     within[starts] = False  # a position's first value follows another's
     return not bad(np.diff(a.astype(np.float64)))[within[1:]].any()
 
-def ascending(a, starts, meta):
-    """strictly ascending within each position"""
+def ascending(a, starts, meta):  # strictly, within each position
     return ordered(a, starts, lambda step: step <= 0)
 
-def descending(a, starts, meta):
-    """not ascending anywhere within a position"""
+def descending(a, starts, meta):  # never ascending within a position
     return ordered(a, starts, lambda step: step > 0)
 
 def sums_to(option):
     """each position's values sum to the cache's option (rounds...)"""
     def check(a, starts, meta):
-        sums = np.add.reduceat(a.astype(np.int64), starts)
-        return a.size == 0 or bool((sums == meta[option]).all())
+        return a.size == 0 or bool(
+            (np.add.reduceat(a.astype(np.int64), starts) == meta[option]).all())
     check.__name__ = f'sums_to_{option}'
     return check
 
 def check_format(method, formats, config_cls=None, objectives=None):
     """Whatever a fork's FORMATS entry leaves out stops here, named."""
-    fmt, where = formats[method], f"FORMATS['{method}']"
+    fmt, fields_ = formats[method], getattr(config_cls, '__dataclass_fields__', {})
 
-    def fault(what):
-        raise RuntimeError(f"{where}{what}")
+    def require(ok, what):
+        if not ok:
+            raise RuntimeError(f"FORMATS['{method}']{what}")
     missing = [k for k in FORMAT_KEYS if k not in fmt]
-    if missing:
-        fault(f" has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
-    if objectives is not None and fmt['loss'] not in objectives:
-        fault(f" trains with loss {fmt['loss']!r}, which has no OBJECTIVES entry")
+    require(not missing, f" has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
+    require(objectives is None or fmt['loss'] in objectives,
+            f" trains with loss {fmt['loss']!r}, which has no OBJECTIVES entry")
     for name, kind in fmt['meta'].items():
-        f = config_cls and config_cls.__dataclass_fields__.get(name)
-        if name in CACHE_META:
-            fault(f": every cache records {name} already: drop it from its meta")
-        if config_cls and (not f or f.type is not kind):
-            fault(f": its meta option {name} ({kind.__name__}) needs a Config field of "
-                  f"the same type")
+        require(name not in CACHE_META, f": every cache records {name} already: drop it")
+        require(not config_cls or getattr(fields_.get(name), 'type', None) is kind,
+                f": its meta option {name} ({kind.__name__}) needs a Config field of that type")
     for name, spec in fmt['files'].items():
-        if not isinstance(spec, tuple) or len(spec) != 3:
-            fault(f": file '{name}' must be (dtype, per, checks)")
+        require(isinstance(spec, tuple) and len(spec) == 3,
+                f": file '{name}' must be (dtype, per, checks)")
         dtype, per, checks = spec
-        if not isinstance(checks, (list, tuple)) or not checks or not all(map(callable, checks)):
-            fault(f": file '{name}' has no value checks: list what its values must "
-                  f"satisfy (in_vocab, positive, ... in guardrails.py, or your own)")
+        require(isinstance(checks, (list, tuple)) and checks and all(map(callable, checks)),
+                f": file '{name}' has no value checks: list what its values must satisfy "
+                f"(in_vocab, positive, ... in guardrails.py, or your own)")
         try:
             np.dtype(dtype if dtype != 'ids' else 'int32')
         except TypeError:
-            fault(f": file '{name}' has dtype {dtype!r}, which numpy does not know")
-        if per not in ('position', 'entry') and fmt['meta'].get(per) is not int:
-            fault(f": file '{name}' has per={per!r}: use 'position', 'entry' or an int "
-                  f"option of its meta")
-        if name in ('seq_offsets', 'checksums', 'meta'):
-            fault(f": '{name}' is a file of every cache: give yours another name")
-    pers = [per for _, per, _ in fmt['files'].values()]
-    ragged = fmt['ragged']
-    if ragged is not None and fmt['files'].get(ragged, (0, 0))[1:2] != ('position',):
-        fault(f": ragged={ragged!r} must name its file of one count per position")
-    if ragged is None and 'entry' in pers:
-        fault(" has files per 'entry': name the file that counts them in ragged=")
+            require(False, f": file '{name}' has dtype {dtype!r}, which numpy does not know")
+        require(per in ('position', 'entry') or fmt['meta'].get(per) is int,
+                f": file '{name}' has per={per!r}: use 'position', 'entry' or an int option")
+        require(name not in ('seq_offsets', 'checksums', 'meta'),
+                f": '{name}' is a file of every cache: give yours another name")
+    ragged, pers = fmt['ragged'], [per for _, per, _ in fmt['files'].values()]
+    require(ragged is None or fmt['files'].get(ragged, (0, 0))[1:2] == ('position',),
+            f": ragged={ragged!r} must name its file of one count per position")
+    require(ragged is not None or 'entry' not in pers,
+            " has files per 'entry': name the file that counts them in ragged=")
     return fmt
 
 class RecordedOptions(SimpleNamespace):
     def __getattr__(self, name):  # (called only for a name not there)
-        raise AttributeError(
-            f"a target function read cfg.{name}, which its FORMATS entry's meta does not "
-            f"record: add {name} there, so that the cache records it and a resume with "
-            f"another value is refused")
+        raise AttributeError(f"a target read cfg.{name}, which its FORMATS entry's meta does "
+                             f"not record: add {name} there, so that the cache records it")
 
 def recorded_options(cfg, fmt):
     """The options a target may read: those its meta.json records."""
@@ -710,8 +664,7 @@ def spans(offsets, first, meta, per, seqs):
     return [(s * n, (s + 1) * n) for s in seqs]
 
 def sequence_crcs(arrays, units, meta, seqs, base):
-    """crc32 of each sequence over its bytes in every file; arrays[name]
-    holds the file from element base[name] on. (Writer and reader.)"""
+    """Each sequence's crc32; arrays[name]: the file from base[name] on."""
     offsets, first = arrays.get('seq_offsets'), base.get('seq_offsets', 0)
     crcs = []
     for s in seqs:
@@ -745,21 +698,8 @@ def failed_check(meta, fmt, rows):
 
 def to_ranges(seqs):
     """Sorted sequence numbers -> [(first, last), ...] of their runs."""
-    ranges = []
-    for s in seqs:
-        if ranges and s == ranges[-1][1] + 1:
-            ranges[-1] = (ranges[-1][0], s)
-        else:
-            ranges.append((s, s))
-    return ranges
-
-def damaged(cache_dir, seqs):
-    ranges = [f"{a}-{b}" if a != b else f"{a}" for a, b in to_ranges(seqs)]
-    shown = ', '.join(ranges[:5]) + (", ..." if len(ranges) > 5 else "")
-    return (f"{cache_dir} is damaged: sequence(s) {shown} do not match their checksums "
-            f"or hold values rskd never writes; run --mode verify --cache_dir {cache_dir} "
-            f"to list every damaged range, then make the cache again with --mode cache "
-            f"(into an empty --cache_dir)")
+    runs = itertools.groupby(enumerate(seqs), lambda pair: pair[1] - pair[0])
+    return [(run[0][1], run[-1][1]) for run in (list(r) for _, r in runs)]
 
 def read_cache_meta(cache_dir, formats):
     """CACHE_DIR/meta.json, checked."""
@@ -777,8 +717,7 @@ def read_cache_meta(cache_dir, formats):
                         path, fix) or meta
 
 def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
-    """The files, memory-mapped, once their sizes match meta.json (tail_ok:
-    past it, as an interrupted cache's may be)."""
+    """The files, mapped, once their sizes match (tail_ok: or run past)."""
     mm = {}
     for name, (dt, n) in file_sizes(meta, formats).items():
         path = os.path.join(cache_dir, f'{name}.bin')
@@ -794,7 +733,7 @@ def read_rows(mm, units, meta, seqs):
     """The stored elements of sequences seqs, file by file."""
     rows = {}
     for name, (_, per) in units.items():
-        if per in ('sequence', 'crc'):
+        if per in ('sequence', 'crc'):  # (no values)
             continue
         where = spans(mm.get('seq_offsets'), 0, meta, per, seqs)
         if where is None or any(hi > len(mm[name]) for _, hi in where):
@@ -812,68 +751,57 @@ def bad_sequences(mm, units, meta, fmt, seqs, rows):
     return sorted(bad)
 
 def cache_reader(cfg, loss, V, data, formats, checked=True):
-    """(meta, read): read(seqs) gives a batch's stored values, name ->
-    tensor, checked before a step uses them."""
-    meta = read_cache_meta(cfg.cache_dir, formats)
-    check_cache_for_run(meta, cfg, loss, V, data, formats)
-    mm = cache_memmaps(cfg.cache_dir, meta, formats)
+    """(meta, read): a cache made for this run; read(seqs) gives a batch's
+    values, name -> tensor, checked before a step uses them."""
+    meta, d, fix = read_cache_meta(cfg.cache_dir, formats), cfg.cache_dir, "pass another --cache_dir"
+    if formats[meta['method']]['loss'] != loss:
+        want = ' or '.join(m for m, f in formats.items() if f['loss'] == loss)
+        die(f"{d} is a {meta['method']} cache, --loss {loss} needs a {want} cache: {fix}")
+    if not meta['complete']:
+        die(f"{d} is incomplete ({meta['seqs_done']}/{meta['num_seqs']} sequences): rerun "
+            f"--mode cache to finish it")
+    if meta['block_size'] != cfg.block_size:
+        die(f"{d} was made with block_size {meta['block_size']}, this run uses "
+            f"{cfg.block_size}: pass --block_size {meta['block_size']}")
+    if meta['split'] != 'train' or meta['vocab_size'] != V:
+        die(f"{d} holds {meta['split']} targets over {meta['vocab_size']} tokens, not train "
+            f"over {V}: {fix}")
+    if meta['data']['sha256'] != data['sha256']:
+        die(f"{d} was made from other training data ({meta['data']['n_tokens']:,} tokens of "
+            f"{meta['data']['path']}, this run uses {data['n_tokens']:,}; check --data_dir "
+            f"and --max_seqs): {fix}")
+    mm = cache_memmaps(d, meta, formats)
     fmt, units = formats[meta['method']], cache_files(meta, formats)
     ids = [name for name, (dtype, _, _) in fmt['files'].items() if dtype == 'ids']
     about = hashlib.sha256(json.dumps({k: meta[k] for k in meta if k not in RECORDED}).encode())
     about.update(mm['checksums'].tobytes())  # (what a resume of the run compares)
-    meta['identity'] = dict(name=os.path.abspath(cfg.cache_dir), sha256=about.hexdigest())
+    meta['identity'] = dict(name=os.path.abspath(d), sha256=about.hexdigest())
 
     def read(seqs):
         rows = read_rows(mm, units, meta, seqs)
         bad = checked and bad_sequences(mm, units, meta, fmt, seqs, rows)
         if bad:
-            die(damaged(cfg.cache_dir, bad))
+            die(f"{d} is damaged: sequence {bad[0]} ({len(bad)} in this batch) fails its "
+                f"checksum or holds values rskd never writes; --mode verify lists every "
+                f"damaged range. Make the cache again into an empty --cache_dir")
         return {name: torch.from_numpy(a.astype(np.int64) if name in ids else a)
                 for name, a in rows.items()}
     return meta, read
 
-def check_cache_for_run(meta, cfg, loss, V, data, formats):
-    """Complete, and made for this loss, block size, vocabulary, data."""
-    T, fix = cfg.block_size, f"make a matching one with --mode cache --cache_dir {cfg.cache_dir}"
-    if formats[meta['method']]['loss'] != loss:
-        want = ' or '.join(m for m, f in formats.items() if f['loss'] == loss)
-        die(f"{cfg.cache_dir} is a {meta['method']} cache, --loss {loss} needs a {want} "
-            f"cache: pass another --cache_dir")
-    if not meta['complete']:
-        die(f"{cfg.cache_dir} is incomplete ({meta['seqs_done']}/{meta['num_seqs']} "
-            f"sequences): rerun --mode cache to finish it")
-    if meta['block_size'] != T:
-        die(f"{cfg.cache_dir} was made with block_size {meta['block_size']}, this run uses "
-            f"{T}: pass --block_size {meta['block_size']}")
-    if meta['split'] != 'train' or meta['vocab_size'] != V:
-        die(f"{cfg.cache_dir} holds {meta['split']} targets over {meta['vocab_size']} "
-            f"tokens, not train over {V}: {fix}")
-    if meta['data']['sha256'] != data['sha256']:
-        die(f"{cfg.cache_dir} was made from other training data ({meta['data']['n_tokens']:,} "
-            f"tokens of {meta['data']['path']}, this run uses {data['n_tokens']:,}; check "
-            f"--data_dir and --max_seqs): {fix}")
-
 def verify_cache(cfg, env, formats):
-    """--mode verify: every committed sequence and the data; lists every
-    damaged range (exit 1)."""
-    meta = read_cache_meta(cfg.cache_dir, formats)
-    mm = cache_memmaps(cfg.cache_dir, meta, formats, tail_ok=not meta['complete'])
+    """--mode verify: every sequence, and the data if found (exit 1: bad)."""
+    d = cfg.cache_dir
+    meta = read_cache_meta(d, formats)
+    mm = cache_memmaps(d, meta, formats, tail_ok=not meta['complete'])
     units, S, T = cache_files(meta, formats), meta['seqs_done'], meta['block_size']
-    if not meta['complete']:
-        print(f"note: {cfg.cache_dir} is incomplete: its {S:,} committed sequences are "
-              f"verified, and --mode cache resumes it")
+    split = os.path.join(cfg.data_dir, f"{meta['split']}.bin")
     if os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
-        # the tokens it covers: all of the split, or the first max_seqs * T + 1
-        n, split = meta['data']['n_tokens'], os.path.join(cfg.data_dir, f"{meta['split']}.bin")
+        n = meta['data']['n_tokens']  # all of the split, or max_seqs * T + 1
         whole = os.path.isfile(split) and n == os.path.getsize(split) // 2
         path, n, _ = check_data(cfg.data_dir, meta['split'], T, 0 if whole else (n - 1) // T, env)
-        tokens = np.memmap(path, dtype=np.uint16, mode='r', shape=(n,))
-        if data_fingerprint(tokens, path, env)['sha256'] != meta['data']['sha256']:
-            die(f"{cfg.cache_dir} was made from other tokens than {path}'s: pass the "
-                f"--data_dir it was made from")
+        if data_fingerprint(range(n), path, env)['sha256'] != meta['data']['sha256']:
+            die(f"{d} was made from other tokens than {path}'s: pass its --data_dir")
         print(f"verify: {path} matches its checksum and the cache's data fingerprint")
-    else:
-        print(f"note: no data in --data_dir {cfg.data_dir}, so only the cache is verified")
     bad, t0 = [], time.time()
     progress = progress_printer('verify', 'positions', 0, S * T)
     for lo in range(0, S, 1024):
@@ -881,22 +809,17 @@ def verify_cache(cfg, env, formats):
         rows = read_rows(mm, units, meta, seqs)
         bad += bad_sequences(mm, units, meta, formats[meta['method']], seqs, rows)
         progress(seqs[-1] * T + T)
-    size = sum(os.path.getsize(os.path.join(cfg.cache_dir, f'{n}.bin')) for n in units)
     for a, b in to_ranges(bad):
         print(f"damaged: sequences {a}-{b} (positions {a * T:,}-{(b + 1) * T - 1:,})")
     if bad:
-        die(f"{cfg.cache_dir}: {len(bad):,} of {S:,} sequences are damaged, in the "
-            f"{len(to_ranges(bad))} ranges above: make the cache again with --mode cache "
-            f"(into an empty --cache_dir)")
-    dt = max(time.time() - t0, 1e-9)
-    print(f"verify: {cfg.cache_dir} is intact: {S:,} sequences"
-          f"{'' if meta['complete'] else ' (so far)'}, {size / 1e6:,.1f} MB in {dt:.1f}s "
-          f"({size / 1e6 / dt:,.0f} MB/s)")
+        die(f"{d}: {len(bad):,} of {S:,} sequences are damaged, in the {len(to_ranges(bad))} "
+            f"ranges above: make the cache again with --mode cache (into an empty --cache_dir)")
+    size, dt = sum(os.path.getsize(f'{d}/{n}.bin') for n in units), time.time() - t0
+    print(f"verify: {d} is intact: {S:,} sequences{'' if meta['complete'] else ' so far (incomplete)'}, "
+          f"{size / 1e6:,.1f} MB in {dt:.1f}s ({size / 1e6 / max(dt, 1e-9):,.0f} MB/s)")
 
 def write_cache(cfg, env, formats, S, V, teacher, data):
-    """A CacheWriter (None: complete). A new cache gets its meta.json (what
-    it holds, what made it, how far it got); an interrupted one resumes
-    from its last commit; another cache there is refused."""
+    """A CacheWriter (None: complete); a different cache is refused."""
     fmt = check_format(cfg.method, formats)
     for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
         if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids than tokens)
@@ -906,16 +829,11 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
                 teacher=teacher, data=data, ids_dtype='uint16' if V <= 65536 else 'int32',
                 dtype=env.dtype, device=env.type, device_name=env.name,
                 batch_size=cfg.batch_size, torch=torch.__version__, complete=False,
-                seqs_done=0, entries=0)
-    meta.update({name: getattr(cfg, name) for name in fmt['meta']})  # its target's
-    path = os.path.join(cfg.cache_dir, 'meta.json')
-    if os.path.exists(path):  # every rank checks; all stop together
+                seqs_done=0, entries=0, **{k: getattr(cfg, k) for k in fmt['meta']})
+    if os.path.exists(os.path.join(cfg.cache_dir, 'meta.json')):  # (every rank checks)
         old = read_cache_meta(cfg.cache_dir, formats)
         for key, now in meta.items():
             was = old.get(key)
-            if key in RECORDED and was != now and env.type == 'cuda' and env.master:
-                print(f"note: {cfg.cache_dir} was started with {key} {was}, now {now}: on "
-                      f"CUDA the rest is exact but not bit-identical")
             if key in ('teacher', 'data'):
                 was, now = was.get('sha256'), now['sha256']
             if key not in PROGRESS + RECORDED and was != now:
@@ -930,15 +848,33 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
     return CacheWriter(cfg, env, meta, formats)
 
 class CacheWriter:
-    """Appends and commits each batch's parts. .start: the first to do."""
+    """Rank 0 appends and commits each batch (meta.json never runs ahead
+    of the data), to new files or ones cut back to the last commit."""
 
     def __init__(self, cfg, env, meta, formats):
-        self.cfg, self.env, self.meta = cfg, env, meta
-        self.fmt, self.units = formats[meta['method']], cache_files(meta, formats)
-        self.handles = open_cache_files(cfg.cache_dir, meta, formats, env)
-        self.pending, self.start = [], meta['seqs_done']
+        self.cfg, self.env, self.meta, self.fmt = cfg, env, meta, formats[meta['method']]
+        self.units, self.handles, self.pending = cache_files(meta, formats), {}, []
+        T, d, self.start = meta['block_size'], cfg.cache_dir, meta['seqs_done']
+        os.makedirs(d, exist_ok=True)
+        for name, (dt, n) in file_sizes(meta, formats).items() if env.master else []:
+            path, size = os.path.join(d, f'{name}.bin'), n * np.dtype(dt).itemsize
+            if not self.start:  # a new cache: empty files (seq_offsets: its 0)
+                with open(path, 'wb') as f:
+                    f.write(np.zeros(n, dt).tobytes())
+            elif os.path.isfile(path) and os.path.getsize(path) >= size:
+                os.truncate(path, size)
+            else:
+                die(f"{path} is shorter than its meta.json says: the cache is damaged; "
+                    f"make it again in an empty --cache_dir")
+            # unbuffered: a failed commit leaves no bytes in Python's buffers
+            self.handles[name] = open(path, 'ab', buffering=0)
+        if env.master and self.start:
+            print(f"resuming {d} at sequence {self.start}/{meta['num_seqs']}")
+        elif env.master:
+            write_json(meta, os.path.join(d, 'meta.json'))
+        if env.ddp:
+            dist.barrier()
         self.t0 = self.committed = time.time()
-        T = meta['block_size']
         self.progress = progress_printer('cache', 'positions', self.start * T,
                                          meta['num_seqs'] * T)
 
@@ -949,14 +885,13 @@ class CacheWriter:
         self.pending += gather_on_master(part, self.env)  # in sequence order
         last = done == self.meta['num_seqs']
         if self.env.master and (last or time.time() - self.committed >= self.cfg.commit_seconds):
-            commit_chunk(self.handles, self.pending, self.meta, done, self.cfg.cache_dir, self.fmt)
+            self.commit(done)
             self.pending, self.committed = [], time.time()
             self.progress(self.meta['seqs_done'] * self.meta['block_size'])
 
     def checked(self, part, n):
         """The target's tensors as arrays, once they match its entry."""
-        where = f"FORMATS['{self.meta['method']}']: its target"
-        files = self.fmt['files']
+        where, files = f"FORMATS['{self.meta['method']}']: its target", self.fmt['files']
         if set(part) != set(files) or not all(isinstance(t, torch.Tensor) for t in part.values()):
             raise RuntimeError(f"{where} must return exactly its files {sorted(files)} as "
                                f"tensors, not {sorted(part)}")
@@ -976,91 +911,51 @@ class CacheWriter:
             raise RuntimeError(f"{where} gave values that {failed} refuses")
         return arrays
 
+    def commit(self, seqs_done):
+        """Append the parts and their crc32s, fsync, then meta.json."""
+        meta, units, T = self.meta, self.units, self.meta['block_size']
+        fixed = {n: per for n, (_, per) in units.items() if per not in ('entry', 'sequence', 'crc')}
+        # entries: the values of the first ragged file (or first file)
+        counted = next((n for n, (_, per) in units.items() if per == 'entry'), next(iter(units)))
+        for part in filter(None, self.pending):
+            first, (name, per) = meta['seqs_done'], next(iter(fixed.items()))
+            n = len(part[name]) // (T * width(meta, per))  # sequences in it
+            base = {name: first * T * width(meta, per) for name, per in fixed.items()}
+            base.update({name: meta['entries'] for name, (_, per) in units.items() if per == 'entry'})
+            if self.fmt['ragged']:  # each sequence's start, then where each one ends
+                ends = np.cumsum(part[self.fmt['ragged']].reshape(n, -1).sum(1, dtype=np.uint64))
+                part['seq_offsets'] = meta['entries'] + np.concatenate([[0], ends]).astype(np.uint64)
+                base['seq_offsets'] = first
+            crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
+            part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
+            if self.fmt['ragged']:  # (the file holds the leading 0 already)
+                part['seq_offsets'] = part['seq_offsets'][1:]
+            for name, f in self.handles.items():  # (a failed write: a rerun cuts it off)
+                data = memoryview(part[name].astype(units[name][0]).tobytes())
+                while data:  # an unbuffered write may take only part
+                    data = data[f.write(data):]
+            meta['entries'] += len(part[counted])
+            meta['seqs_done'] = first + n
+        for f in self.handles.values():
+            os.fsync(f.fileno())
+        meta.update(seqs_done=seqs_done, complete=seqs_done == meta['num_seqs'])
+        write_json(meta, os.path.join(self.cfg.cache_dir, 'meta.json'))
+
     def finish(self):
-        return finish_cache(self.handles, self.meta, self.cfg.cache_dir, self.start, self.t0,
-                            self.env)
-
-def open_cache_files(cache_dir, meta, formats, env):
-    """Rank 0's handles, name -> (file, dtype, per): new files, or files
-    cut back to the last commit (a chunk after it is redone)."""
-    units = cache_files(meta, formats)
-    files = {name: (os.path.join(cache_dir, f'{name}.bin'), dt, n)
-             for name, (dt, n) in file_sizes(meta, formats).items()}
-    if env.master:
-        os.makedirs(cache_dir, exist_ok=True)
-        for name, (path, dt, n) in files.items():
-            size = n * np.dtype(dt).itemsize
-            if not meta['seqs_done']:  # a new cache: empty files
-                with open(path, 'wb') as f:
-                    f.write(np.zeros(n, dt).tobytes())
-            elif os.path.isfile(path) and os.path.getsize(path) >= size:
-                os.truncate(path, size)  # resume: cut a tail after the last commit
-            else:
-                die(f"{path} is shorter than its meta.json says: the cache is damaged; make "
-                    f"it again in an empty --cache_dir")
-        if meta['seqs_done']:
-            print(f"resuming {cache_dir} at sequence {meta['seqs_done']}/{meta['num_seqs']}")
-        else:
-            write_json(meta, os.path.join(cache_dir, 'meta.json'))
-    if env.ddp:
-        dist.barrier()
-    # unbuffered: a failed commit leaves no bytes in Python's buffers
-    return {name: (open(path, 'ab', buffering=0), dt, units[name][1])
-            for name, (path, dt, n) in files.items()} if env.master else {}
-
-def commit_chunk(handles, parts, meta, seqs_done, cache_dir, fmt):
-    """Append the parts (a rank's each) and their crc32s, fsync, then
-    record seqs_done: meta.json never runs ahead of the data."""
-    units = {name: (dt, per) for name, (_, dt, per) in handles.items()}
-    T, ragged = meta['block_size'], fmt['ragged']
-    fixed = {n: per for n, (_, per) in units.items() if per not in ('entry', 'sequence', 'crc')}
-    # entries: the values of the first ragged file (or first file)
-    counted = next((n for n, (_, per) in units.items() if per == 'entry'), next(iter(units)))
-    arrays, first = {name: [] for name in handles}, meta['seqs_done']
-    for part in filter(None, parts):
-        name, per = next(iter(fixed.items()))
-        n = len(part[name]) // (T * width(meta, per))  # sequences in it
-        base = {name: first * T * width(meta, per) for name, per in fixed.items()}
-        base.update({name: meta['entries'] for name, (_, per) in units.items() if per == 'entry'})
-        if ragged:  # each sequence's start, then where each one ends
-            ends = np.cumsum(part[ragged].reshape(n, -1).sum(1, dtype=np.uint64))
-            part['seq_offsets'] = meta['entries'] + np.concatenate([[0], ends]).astype(np.uint64)
-            base['seq_offsets'] = first
-        crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
-        part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
-        if ragged:  # (the file holds the leading 0 already)
-            part['seq_offsets'] = part['seq_offsets'][1:]
-        for name in handles:
-            arrays[name].append(part[name])
-        meta['entries'] += len(part[counted])
-        first += n
-    for name, (f, dt, _) in handles.items():  # (a failed write: a rerun cuts it off)
-        for a in arrays[name]:
-            data = memoryview(a.astype(dt).tobytes())
-            while data:  # an unbuffered write may take only part
-                data = data[f.write(data):]
-    for f, _, _ in handles.values():
-        f.flush()
-        os.fsync(f.fileno())
-    meta.update(seqs_done=seqs_done, complete=seqs_done == meta['num_seqs'])
-    write_json(meta, os.path.join(cache_dir, 'meta.json'))
-
-def finish_cache(handles, meta, cache_dir, start, t0, env):
-    """Close the files, print the size; the throughput (tok/s)."""
-    if env.type == 'cuda':
-        torch.cuda.synchronize()
-    tok_s = (meta['num_seqs'] - start) * meta['block_size'] / (time.time() - t0)
-    if not env.master:
+        """Close the files, print the size; the throughput (tok/s)."""
+        meta, d = self.meta, self.cfg.cache_dir
+        if self.env.type == 'cuda':
+            torch.cuda.synchronize()
+        tok_s = (meta['num_seqs'] - self.start) * meta['block_size'] / (time.time() - self.t0)
+        for f in self.handles.values():
+            f.close()
+        if self.env.master:
+            P = meta['num_seqs'] * meta['block_size']
+            size = sum(os.path.getsize(os.path.join(d, f'{n}.bin')) for n in self.handles)
+            unique = f"{meta['entries'] / P:.2f} unique tokens/position, " if self.fmt['ragged'] else ""
+            print(f"cache complete: {d}, {P:,} positions, {unique}{size / P:.2f} bytes/position, "
+                  f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")
         return tok_s
-    for f, _, _ in handles.values():
-        f.close()
-    P = meta['num_seqs'] * meta['block_size']
-    size = sum(os.path.getsize(os.path.join(cache_dir, f'{name}.bin')) for name in handles)
-    ragged = any(per == 'entry' for _, _, per in handles.values())
-    unique = f"{meta['entries'] / P:.2f} unique tokens/position, " if ragged else ""
-    print(f"cache complete: {cache_dir}, {P:,} positions, {unique}{size / P:.2f} bytes/position, "
-          f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")
-    return tok_s
 
 # -----------------------------------------------------------------------------
 # progress, folders, signals and errors
@@ -1158,18 +1053,13 @@ def entry_point():
     handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
-    except SystemExit:
-        raise
-    except BaseException as e:
-        if isinstance(e, KeyboardInterrupt):
-            INTERRUPTS.append(signal.SIGINT)
-        if INTERRUPTS or isinstance(e, Interrupted):
-            sig = e.args[0] if isinstance(e, Interrupted) else INTERRUPTS[0]
+    except (Exception, KeyboardInterrupt) as e:
+        if isinstance(e, (KeyboardInterrupt, Interrupted)) or INTERRUPTS:
+            sig = e.args[0] if isinstance(e, Interrupted) else (INTERRUPTS or [2])[0]
             said = e.args[1:] if isinstance(e, Interrupted) else ()
             if os.environ.get('RANK', '0') == '0':
-                print(f"interrupted ({signal.Signals(sig).name}): " + (said or (
-                    "work is kept up to the last save: rerun the same command to go on",))[0],
-                    file=sys.stderr)
+                print(f"interrupted ({signal.Signals(sig).name}): " + (*said, "work is kept up "
+                      "to the last save: rerun the same command to go on")[0], file=sys.stderr)
             sys.exit(128 + sig)
         if isinstance(e, FloatingPointError):  # numbers a run cannot go on from
             die(str(e))
@@ -1187,8 +1077,7 @@ def entry_point():
 
 @contextmanager
 def ddp_teardown(env):
-    """End DDP while Python is alive (at shutdown, gloo can abort a
-    finished run), once every rank is done."""
+    """End DDP once every rank is done (at shutdown, gloo can abort)."""
     try:
         yield
         if env.ddp:

@@ -27,13 +27,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guardrails import (
     Interrupted, at_least_1, ascending, cache_reader, check_batching,
-    check_data, check_model_size, check_step, check_val_loss,
-    data_fingerprint, ddp_teardown, descending, die, entry_point,
-    find_teacher, folder_lock, in_vocab, load_teacher,
-    log_eval, log_step, opt, output_folder, parse_args, positive,
-    probability, recorded_options, resolve_config, restore,
-    save_checkpoint, setup, start_metrics, stop_everywhere,
-    stop_requested, sums_to, verify_cache, write_cache)
+    check_data, check_finite, check_model_size, data_fingerprint,
+    ddp_teardown, descending, die, entry_point, find_teacher,
+    folder_lock, in_vocab, load_teacher, log_eval, log_step, opt,
+    output_folder, parse_args, positive, probability,
+    recorded_options, resolve_config, restore, save_checkpoint, setup,
+    start_metrics, stop_everywhere, stop_requested, sums_to,
+    verify_cache, write_cache)
 from model import GPT, GPTConfig, invert_cdf, top_k  # GPT(idx): (B, T, V)
 
 # ---------------------------------------------------------------
@@ -515,9 +515,9 @@ def setup_train(cfg, env, ckpt):
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
     # exact resume: weights, moments, scaler, RNG, step; the same inputs
-    data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
-    inputs = dict(data=data, cache=meta and meta['identity'], teacher=about)
-    it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg) if ckpt else (0, math.inf)
+    inputs = dict(cache=meta and meta['identity'], teacher=about,
+                  data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env))
+    it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg)
     # a fixed val subset spread over the split, the same for every run
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))
     val_seqs = np.unique(spread.round().astype(int)).tolist()
@@ -576,7 +576,7 @@ def run_train(cfg, env, ckpt=None):
             if due and not (ckpt and it == start):  # (done before saving)
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 # a NaN model is never saved
-                check_val_loss(m['val_loss'], it, ckpt_path)
+                check_finite(it, ckpt_path, m['val_loss'])
                 if env.master:  # the checkpoint, then its line
                     r.best = min(r.best, m['val_loss'])
                     tok_s = train_time and train_tokens / train_time
@@ -587,8 +587,7 @@ def run_train(cfg, env, ckpt=None):
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
-            sig = stop_everywhere(stop, env)  # all ranks stop here
-            if sig:
+            if sig := stop_everywhere(stop, env):  # all ranks stop here
                 if env.master:
                     save(it)
                 raise Interrupted(sig, f"saved {ckpt_path} at iter {it}: resume "
@@ -620,7 +619,7 @@ def run_train(cfg, env, ckpt=None):
             both = torch.stack([loss_sum, grad_norm.to(loss_sum)])
             lossf, grad_normf = both.tolist()  # one sync
             # never step on a NaN: the checkpoint stays the last good state
-            check_step(lossf, grad_normf, scaler.is_enabled(), it, ckpt_path)
+            check_finite(it, ckpt_path, lossf, grad_normf, scaler.is_enabled())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

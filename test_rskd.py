@@ -878,7 +878,7 @@ def fork_mistakes():
     return {
         'no loss': ({k: v for k, v in rs.items() if k != 'loss'}, "FORMATS['bad'] has no loss"),
         'a loss without an objective': (dict(rs, loss='mykd'), "loss 'mykd', which has no OBJECTIVES entry"),
-        'an option of another type': (dict(rs, meta=dict(rounds=float, sampler=str)), 'needs a Config field of the same type'),
+        'an option of another type': (dict(rs, meta=dict(rounds=float, sampler=str)), 'needs a Config field of that type'),
         'an option every cache records': (dict(rs, meta=dict(rounds=int, sampler=str, seed=int)), 'every cache records seed already'),
         'an unknown dtype': (dict(rs, files=dict(rs['files'], counts=('uint9', 'entry', [guardrails.at_least_1]))), "dtype 'uint9'"),
         'checks that are no list': (dict(rs, files=dict(rs['files'], counts=('uint8', 'entry', guardrails.at_least_1))), "file 'counts' has no value checks"),
@@ -908,7 +908,7 @@ def test_verify_a_cache_with_nothing_committed(tmp_path, data, teacher, capsys):
         run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'is', '--proposal_temperature', 60))
     capsys.readouterr()
     run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY)
-    assert 'is intact: 0 sequences (so far)' in capsys.readouterr().out
+    assert 'is intact: 0 sequences so far (incomplete)' in capsys.readouterr().out
 
 
 def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsys):
@@ -1124,7 +1124,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
         'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
         'non-finite loss': (lambda: [*train, '--cache_dir', caches['rs'], '--alpha', 1e38], 'the loss became inf'),
-        'NaN in a cache': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'is damaged: sequence(s) '),
+        'NaN in a cache': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'is damaged: sequence '),
         'unknown device': (lambda: [*train, '--device', 'tpu'], '--device must be auto, cpu, cuda or cuda:N'),
         'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
         'tail without topk': (lambda: [*train, '--cache_dir', caches['rs'], '--topk_tail', 'ghost'], 'changes only --loss topk, not --loss rskd'),
@@ -1368,7 +1368,7 @@ def test_damaged_cache_is_caught_before_its_rows_are_used(method, tmp_path, data
                         with pytest.raises(SystemExit):
                             reader(seqs)
                         err = capsys.readouterr().err
-                        assert 'is damaged: sequence(s) ' in err and str(min(bad & set(seqs))) in err, (name, kind, err)
+                        assert 'is damaged: sequence ' in err and str(min(bad & set(seqs))) in err, (name, kind, err)
                         break
                     reader(seqs)  # the batches before the damage pass
                 else:
@@ -1393,7 +1393,7 @@ def test_values_are_checked_even_where_a_checksum_matches(tmp_path, data, caches
     reader([1, 2])
     with pytest.raises(SystemExit):
         reader([3, 0])
-    assert 'sequence(s) 0 do not match' in capsys.readouterr().err
+    assert 'sequence 0 (' in capsys.readouterr().err
 
 
 def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, caches, capsys, monkeypatch):
@@ -1411,7 +1411,7 @@ def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, cac
     monkeypatch.setattr(torch.optim.AdamW, 'step', counting_step)
     err = fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'topk',
                '--max_iters', 20, '--eval_interval', 4, '--out_dir', tmp_path / 'o')
-    assert f'sequence(s) {victim} do not match' in err
+    assert f'sequence {victim} (' in err
     # steps 0-3 updated the model; step 5's batch, which holds the damaged sequence, is read (prefetched)
     # while step 4 runs, before step 4's update: neither of them updated it
     assert len(steps) == 4
@@ -1437,7 +1437,7 @@ def test_verify_an_interrupted_cache(tmp_path, data, teacher, caches, capsys):
     capsys.readouterr()
     run('--mode', 'verify', '--data_dir', data, '--cache_dir', d, *TINY)
     out = capsys.readouterr().out
-    assert 'is incomplete' in out and f'{d} is intact: 8 sequences (so far)' in out
+    assert f'{d} is intact: 8 sequences so far (incomplete)' in out
     run(*args)
     assert files_of(d) == files_of(caches['rs'])
 
