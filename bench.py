@@ -200,7 +200,7 @@ def bench_precision(teacher, idx, env):
         teacher.float32_head = float32_head
         with torch.autocast(env.type, dtype=torch.bfloat16):
             t16 = torch.softmax(teacher(idx).float(), -1)
-        big = t32 > 1e-4  # relative errors of the probabilities that matter
+        big = t32 >= t32.max(-1, keepdim=True).values.clamp(max=1e-4)  # (the ones that matter)
         rel = ((t16 - t32).abs() / t32)[big]
         kl = (t32 * (torch.log(t32.clamp_min(1e-30)) - torch.log(t16.clamp_min(1e-30)))).sum(-1).mean()
         out[name] = dict(median_rel_error=rel.median().item(), max_rel_error=rel.max().item(),
@@ -432,7 +432,10 @@ SEEDS = (1, 2)
 
 
 def last_eval(run):
-    return read_metrics(os.path.join(run, 'metrics.jsonl'))[-1]
+    evals = read_metrics(os.path.join(run, 'metrics.jsonl'))
+    if not evals:
+        die(f"{run}/metrics.jsonl holds no eval yet: finish the run, or move it away")
+    return evals[-1]
 
 
 def cache_size(cache):
@@ -456,12 +459,14 @@ def print_tables(rows=ROWS, seeds=SEEDS):
         m = [last_eval(f'out-{run}-{seed}') for seed in seeds]
 
         def cell(key, scale=1, digits=3):  # the mean of the seeds, +- half their spread
+            if not all(key in x for x in m):  # (no teacher: no kl_teacher, spec_accept)
+                return '-'
             values = [scale * x[key] for x in m]
             spread = (max(values) - min(values)) / 2
             return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
         size = cache_size(cache) if cache else '-'
         print(f"| {name} | {cell('val_loss')} | {cell('ece', 100, 2)} | {cell('kl_teacher')} | "
-              f"{cell('spec_accept', 100, 1)} | {step[method]:.2f} | {size} |")
+              f"{cell('spec_accept', 100, 1)} | {step.get(method, math.nan):.2f} | {size} |")
     print(f"\n| confidence (seed {seeds[0]}) | " + ' | '.join(r[0] for r in rows) + ' |')
     print('|---|' + '---|' * len(rows))
     for b in range(5):  # the 15 bins of [count, mean confidence, accuracy], merged 3 by 3

@@ -126,7 +126,7 @@ def cache_decides(cfg, args, formats):
     if not cached or not os.path.isfile(os.path.join(cfg.cache_dir, 'meta.json')):
         return cfg  # (a missing cache is named once the data is checked)
     meta = read_cache_meta(cfg.cache_dir, formats)
-    taken = {k: meta[k] for k in ('method', *formats[meta['method']]['meta'])}
+    taken = {k: meta[k] for k in ('method', 'split', *formats[meta['method']]['meta'])}
     for k in given:
         if taken.get(k) != args[k]:
             die(f"--{k} {args[k]}: training takes its targets' options from the cache, "
@@ -233,14 +233,6 @@ def check_batching(cfg, world, S):
             f"--gradient_accumulation_steps")
     return accum // world
 
-def gather_on_master(obj, env):
-    """Every rank's obj in rank order on rank 0, [] elsewhere."""
-    if not env.ddp:
-        return [obj]
-    gathered = [None] * env.world if env.master else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered if env.master else []
-
 # -----------------------------------------------------------------------------
 # one integrity rule for every file rskd reads back, and atomic writes
 
@@ -257,8 +249,7 @@ def digest(obj, crc=0):
         for v in obj:
             crc = digest(v, crc)
     elif isinstance(obj, torch.Tensor):
-        flat = obj.detach().cpu().contiguous().view(-1)
-        crc = zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+        crc = zlib.crc32(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy(), crc)
     else:
         crc = zlib.crc32(repr(obj).encode(), crc)
     return crc
@@ -448,8 +439,8 @@ def log_eval(metrics_path, record):
         f.write(dumps(record) + '\n')
         f.flush()
         os.fsync(f.fileno())
-    shown = ('val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept')
-    print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in shown if k in record))
+    print(f"eval {record['iter']}: " + ', '.join(f"{k} {record[k]:.4f}" for k in (
+        'val_loss', 'val_ppl', 'ece', 'kl_teacher', 'spec_accept') if k in record))
 
 def log_step(it, loss, lr, dt, step_time, tokens_per_step, model, cfg, env):
     """The training line: loss, lr, time, tok/s, MFU (known GPUs), ETA."""
@@ -612,10 +603,10 @@ def check_format(method, formats, config_cls=None, objectives=None):
                 f": file '{name}' has per={per!r}: use 'position', 'entry' or an int option")
         require(name not in ('seq_offsets', 'checksums', 'meta'),
                 f": '{name}' is a file of every cache: give yours another name")
-    ragged, pers = fmt['ragged'], [per for _, per, _ in fmt['files'].values()]
+    ragged = fmt['ragged']
     require(ragged is None or fmt['files'].get(ragged, (0, 0))[1:2] == ('position',),
             f": ragged={ragged!r} must name its file of one count per position")
-    require(ragged is not None or 'entry' not in pers,
+    require(ragged is not None or 'entry' not in [per for _, per, _ in fmt['files'].values()],
             " has files per 'entry': name the file that counts them in ragged=")
     return fmt
 
@@ -882,7 +873,10 @@ class CacheWriter:
         """part: the target's output for seqs (None: none); done: the
         sequences finished once every rank's part is in."""
         part = part if part is None else self.checked(part, len(seqs))
-        self.pending += gather_on_master(part, self.env)  # in sequence order
+        if self.env.ddp:  # rank 0 gets every rank's part, in sequence order
+            parts = [None] * self.env.world if self.env.master else None
+            dist.gather_object(part, parts, dst=0)
+        self.pending += (parts or []) if self.env.ddp else [part]
         last = done == self.meta['num_seqs']
         if self.env.master and (last or time.time() - self.committed >= self.cfg.commit_seconds):
             self.commit(done)
@@ -1063,6 +1057,8 @@ def entry_point():
             sys.exit(128 + sig)
         if isinstance(e, FloatingPointError):  # numbers a run cannot go on from
             die(str(e))
+        if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or 'allocate memory' in str(e):
+            die(f"out of memory ({first_line(e)[:80]}): use a smaller --batch_size or model")
         if not isinstance(e, OSError):
             raise
         path = e.filename2 or e.filename  # (a rename's destination is filename2)

@@ -21,7 +21,7 @@ from contextlib import ExitStack
 
 import numpy as np
 
-from guardrails import die, entry_point, folder_lock, replaced, write_json
+from guardrails import die, dumps, entry_point, folder_lock, replaced
 
 EXTENSIONS = ('.txt', '.md', '.py', '.jsonl')
 OWN = ('train.bin', 'val.bin', 'meta.json')  # all that --out may hold
@@ -130,7 +130,10 @@ def prepare(files, sources, enc, args):
     meta_path = os.path.join(args.out, 'meta.json')
     if any(os.path.exists(final[s] + '.tmp') for s in final):
         print(f"{args.out} holds an unfinished run (killed?): starting over")
-    with ExitStack() as renamed:  # each .bin renamed into place once whole, or removed
+    # all three written as temps; then the old meta.json goes, the .bin files
+    # are renamed, the new meta.json last: no folder reads as a partial dataset
+    with ExitStack() as renamed:
+        meta = renamed.enter_context(replaced(meta_path))
         out = {s: renamed.enter_context(replaced(final[s])) for s in final}
         batch, chars = [], 0
         for text, last in documents(files):
@@ -145,16 +148,17 @@ def prepare(files, sources, enc, args):
             if docs[split] == 0:
                 die(f"the {split} split is empty: found {docs['train'] + docs['val']} non-empty "
                     f"documents, need at least 2 (and enough for --val_fraction {args.val_fraction})")
-        for f in out.values():  # whole on disk before the old meta.json goes
+        meta.write(dumps(dict(
+            tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token, dtype='uint16',
+            train_tokens=tokens['train'], val_tokens=tokens['val'], train_docs=docs['train'],
+            val_docs=docs['val'], train_crc32=crc['train'], val_crc32=crc['val'],
+            val_fraction=args.val_fraction, source=[os.path.abspath(s) for s in sources]),
+            indent=1).encode())
+        for f in (meta, *out.values()):  # whole on disk before the old meta.json goes
             f.flush()
             os.fsync(f.fileno())
-        if os.path.exists(meta_path):  # meta.json goes last: without it, a
-            os.remove(meta_path)        # folder is never read as a dataset
-    write_json(dict(tokenizer='gpt2', vocab_size=enc.n_vocab, eot=enc.eot_token, dtype='uint16',
-                    train_tokens=tokens['train'], val_tokens=tokens['val'],
-                    train_docs=docs['train'], val_docs=docs['val'], train_crc32=crc['train'],
-                    val_crc32=crc['val'], val_fraction=args.val_fraction,
-                    source=[os.path.abspath(s) for s in sources]), meta_path)
+        if os.path.exists(meta_path):
+            os.remove(meta_path)
     print(f"wrote {args.out}: train {tokens['train']:,} tokens ({docs['train']} docs), "
           f"val {tokens['val']:,} tokens ({docs['val']} docs) in {time.time() - t0:.1f}s")
 

@@ -507,16 +507,16 @@ def setup_train(cfg, env, ckpt):
     teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
     check_model_size(cfg, V, env)  # before allocating it
     torch.manual_seed(stream_seed(cfg.seed, INIT))
-    gpt = GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer,
-                    n_head=cfg.n_head, n_embd=cfg.n_embd)
-    model = GPT(gpt).to(env.device)
+    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer,
+                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(env.device)
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
     # exact resume: weights, moments, scaler, RNG, step; the same inputs
     inputs = dict(cache=meta and meta['identity'], teacher=about,
-                  data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env))
+                  data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
+                  val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
     it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg)
     # a fixed val subset spread over the split, the same for every run
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))

@@ -934,6 +934,15 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
     bench.print_tables()
     out = capsys.readouterr().out
     assert 'left out: Top-K 12 + naive fix' in out and '| Top-K 12 + naive fix |' not in out
+    rec = dict(iter=2, val_loss=3.0, ece=0.02, reliability=bins)  # a CE run without a teacher: no KL
+    for seed in (1, 2):
+        open(f'out-ce-{seed}/metrics.jsonl', 'w').write(guardrails.dumps(rec) + '\n')
+    bench.print_tables()
+    assert '| CE | 3.000 ± 0.000 | 2.00 ± 0.00 | - | - |' in capsys.readouterr().out
+    open('out-ce-2/metrics.jsonl', 'w').close()  # a run stopped before its first eval
+    with pytest.raises(SystemExit):
+        bench.print_tables()
+    assert 'out-ce-2/metrics.jsonl holds no eval yet' in capsys.readouterr().err
 
 
 def test_bench_rounds_sweep(tmp_path, data, teacher):
@@ -1633,6 +1642,12 @@ def test_a_resume_refuses_inputs_that_changed(tmp_path, data, teacher, caches, c
     err = fail(capsys, *full, '--teacher', other, '--max_iters', 4, '--resume', 'true')
     assert f"was trained with other teacher ({os.path.abspath(teacher)})" in err
     assert files_of(tmp_path / 'out') == before
+    d2 = tmp_path / 'd2'  # the val split changed (its checksums made to match): evals would mix
+    shutil.copytree(data, d2)
+    np.fromfile(d2 / 'val.bin', np.uint16)[::-1].tofile(d2 / 'val.bin')
+    edit_meta(d2 / 'meta.json', val_crc32=zlib.crc32(open(d2 / 'val.bin', 'rb').read()))
+    err = fail(capsys, *full, '--teacher', teacher, '--data_dir', d2, '--max_iters', 4, '--resume', 'true')
+    assert f"was trained with other val ({data}/val.bin)" in err
 
 
 def test_options_the_cache_decides_are_taken_from_it(tmp_path, data, caches, capsys):
@@ -1644,9 +1659,17 @@ def test_options_the_cache_decides_are_taken_from_it(tmp_path, data, caches, cap
         capsys, '--mode', 'train', '--data_dir', data, *TINY, '--loss', 'ce', '--rounds', 9, '--out_dir', tmp_path / 'a')
     assert not os.path.exists(tmp_path / 'a')  # a failed first run leaves no folder behind
     run(*topk, '--out_dir', tmp_path / 'b')  # --k not given: the cache's is recorded, not the default 12
-    assert f"from {caches['topk']}: method topk, k 5" in capsys.readouterr().out
+    assert f"from {caches['topk']}: method topk, split train, k 5" in capsys.readouterr().out
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['config']['k'] == 5
-    run(*topk, '--k', 5, '--out_dir', tmp_path / 'c')
+    run(*topk, '--k', 5, '--split', 'train', '--out_dir', tmp_path / 'c')  # what the cache says: fine
+
+
+def test_out_of_memory_is_one_line(tmp_path, data, teacher, capsys, monkeypatch):
+    def huge(*a):  # what torch's CPU allocator raises for a batch that does not fit
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 64328960000 bytes. Error code 12")
+    monkeypatch.setattr(rskd, 'cache_batch', huge)
+    assert 'out of memory' in fail(capsys, *cache_args(data, teacher, tmp_path / 'c'))
 
 
 def test_resume_past_max_iters_says_so(tmp_path, data, caches, capsys):
@@ -1722,6 +1745,9 @@ def test_prepare_data_guard_rails(tmp_path, caches, capsys, monkeypatch):
 
     def full_disk(path, mode='r', *a, **k):  # the .bin temp files land on a full disk
         return real_open('/dev/full' if str(path).endswith('.bin.tmp') else path, mode, *a, **k)
+    os.makedirs(out / 'meta.json.tmp')  # the new meta.json cannot be written: the old dataset stays
+    assert 'meta.json.tmp is a folder where rskd needs a file' in fails('--input', corpus, '--out', out)
+    os.rmdir(out / 'meta.json.tmp')
     monkeypatch.setattr(guardrails, 'open', full_disk, raising=False)
     assert 'No space left on device' in fails('--input', corpus, '--out', out)
     assert {d: files_of(d) for d in before} == before and not glob.glob(f'{out}/*.tmp')
