@@ -12,8 +12,10 @@ timed on the same batch, interleaved and rotated (A B C D E, B C D E A, ...), so
 machine cancels out of the ratios. Each caching run comes right after a bare teacher forward over the
 same batches, and the ratio is taken pair by pair.
 """
+import contextlib
 import copy
 import glob
+import io
 import math
 import os
 import re
@@ -54,20 +56,35 @@ def run_bench(cfg, env):
     teacher, info = load_teacher(cfg.teacher, V, T, env)  # once, for every run below
     os.makedirs(cfg.out_dir, exist_ok=True)
     n = min(S, 4 * B)  # the sequences that the caching runs cover
-    caching = bench_caching(cfg, env, (teacher, info), tokens, n)
+    caching = measured('caching', bench_caching, cfg, env, (teacher, info), tokens, n)
     student = fidelity_student(cfg, env, ckpt, V)
     seqs = list(range(B))
     idx, targets = rskd.get_batch(tokens, seqs, T, env)
-    fidelity = bench_fidelity(cfg, env, teacher, student, idx, seqs, targets)
-    steps = bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, caching['dirs'])
-    pipeline = bench_pipeline(cfg, env, tokens, V)
-    precision = bench_precision(teacher, idx, env)
+    fidelity = measured('gradient fidelity', bench_fidelity, cfg, env, teacher, student, idx, seqs,
+                        targets)
+    steps = measured('training steps', bench_steps, cfg, env, teacher, student, tokens, n, idx,
+                     targets, seqs, caching['dirs'])
+    pipeline = measured('host pipeline', bench_pipeline, cfg, env, tokens, V)
+    precision = measured('bf16 precision', bench_precision, teacher, idx, env)
     res = dict(device=env.name, dtype=env.dtype, compile=env.compile,
                model=dict(student=asdict(student.config), teacher=asdict(teacher.config), batch_size=B),
                **steps, **caching['result'], **fidelity, **pipeline, teacher_bf16=precision,
                fidelity_student=student_path if ckpt else 'random init')
     write_json(res, os.path.join(cfg.out_dir, 'bench.json'))
     report(res, cfg)
+
+
+def quiet():
+    """The inner runs' own lines (progress, summaries) go: the bench prints its measurements."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def measured(what, bench, *args):
+    """bench(*args), and one line saying that it was measured and how long that took."""
+    t0 = time.time()
+    result = bench(*args)
+    print(f"measured {what} in {time.time() - t0:.0f}s", flush=True)
+    return result
 
 
 def fidelity_student(cfg, env, ckpt, V):
@@ -106,7 +123,8 @@ def bench_caching(cfg, env, loaded, tokens, n):
             runs['fwd'].append(bare_forward())
             shutil.rmtree(d, ignore_errors=True)
             run_cfg = replace(cfg, method=method, cache_dir=d, max_seqs=n, split='train', commit_seconds=5.0)
-            runs[method].append(rskd.run_cache(run_cfg, env, loaded))
+            with quiet():  # (the run's own progress lines)
+                runs[method].append(rskd.run_cache(run_cfg, env, loaded))
     speed = {k: float(np.median(v)) for k, v in runs.items()}
     ratio = {m: float(np.median(np.divide(runs[m], runs['fwd'][i::len(dirs)]))) for i, m in enumerate(dirs)}
     result = dict(teacher_fwd_tok_s=speed['fwd'], cache_tok_s={m: speed[m] for m in dirs},
@@ -302,7 +320,8 @@ def bench_pipeline(cfg, env, tokens, V, B=16, T=1024):
         run_cfg = replace(cfg, method=method, cache_dir=os.path.join(cfg.out_dir, f'bench-pipeline-{method}'),
                           block_size=T, batch_size=4, max_seqs=B, split='train')
         shutil.rmtree(run_cfg.cache_dir, ignore_errors=True)
-        rskd.run_cache(run_cfg, env, (RandomTeacher(V).to(env.device), dict(name='random', sha256='-')))
+        with quiet():
+            rskd.run_cache(run_cfg, env, (RandomTeacher(V).to(env.device), dict(name='random', sha256='-')))
         reader = rskd.open_cache(run_cfg, fmt['loss'], tokens[:B * T + 1], V, env)[1]
         samples = []
         for _ in range(10):

@@ -94,6 +94,11 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
         elif os.path.lexists(ckpt_path):
             die(f"{ckpt_path} already exists: continue it with --resume true, "
                 f"or use another --out_dir")
+    if mode in ('teacher', 'train') and args.get('init_from', 'scratch') != 'scratch' and not ckpt:
+        shape = gpt_source(args['init_from'])[0]  # the student's shape comes from it
+        for k in ('n_layer', 'n_head', 'n_embd'):
+            if args.setdefault(k, shape[k]) != shape[k]:
+                die(f"--{k} {args[k]}: --init_from {args['init_from']} has {k} {shape[k]}: drop it")
     if mode in ('bench', 'verify') and 'RANK' in os.environ:
         die(f"--mode {mode} runs in one process: run it with python, not torchrun")
     if not ckpt and 'gradient_accumulation_steps' not in args:  # torchrun: one a rank
@@ -466,44 +471,59 @@ def weights_sha256(model):
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
-def load_teacher(name, vocab_size, block_size, env):
-    """(frozen teacher, {name, sha256}): ours, or a Hugging Face GPT-2."""
-    hf = name in HF_TEACHERS or os.path.isdir(name)
+def gpt_source(name):
+    """(shape, checkpoint or None) of a GPT to load: a Hugging Face GPT-2 (a name or a folder)
+    or a checkpoint of ours, its shape read before any weights."""
     if os.path.isdir(name) and not os.path.exists(os.path.join(name, 'config.json')):
-        die(f"teacher {name} is a folder without config.json: pass a --mode teacher "
-            f"checkpoint ({os.path.join(name, 'ckpt.pt')}?) or a Hugging Face GPT-2 folder")
-    if hf:
-        try:
-            import transformers  # only Hugging Face teachers need it
-            c = transformers.AutoConfig.from_pretrained(name)
-        except ImportError:
-            die(f"teacher {name} is a Hugging Face model: pip install transformers")
-        except (OSError, ValueError) as e:
-            die(f"could not load Hugging Face teacher {name}: {first_line(e)}")
-        shape = dict(vocab_size=c.vocab_size, block_size=getattr(c, 'n_positions', None))
-    else:
+        die(f"{name} is a folder without config.json: pass a checkpoint "
+            f"({os.path.join(name, 'ckpt.pt')}?) or a Hugging Face GPT-2 folder")
+    if name not in HF_TEACHERS and not os.path.isdir(name):
         ckpt = load_checkpoint(name)
-        shape = ckpt['model_config']
-    name = name if name in HF_TEACHERS else os.path.abspath(name)
-    # checked before the weights load: a non-GPT-2 model fails here
-    if shape.get('vocab_size') != vocab_size:
-        die(f"teacher {name} has a vocabulary of {shape.get('vocab_size')} tokens, the "
-            f"data has {vocab_size}: the teacher must use the data's tokenizer")
-    if hf and c.model_type != 'gpt2':
-        die(f"teacher {name} is a {c.model_type} model: only GPT-2 teachers load into model.py")
-    if (shape.get('block_size') or 0) < block_size:
-        die(f"teacher {name} has block_size {shape.get('block_size')}, shorter than "
-            f"--block_size {block_size}")
+        return ckpt['model_config'], ckpt
     try:
-        model = GPT.from_pretrained(name) if hf else GPT(GPTConfig(**shape))
-        if not hf:
+        import transformers  # only Hugging Face models need it
+        c = transformers.AutoConfig.from_pretrained(name)
+    except ImportError:
+        die(f"{name} is a Hugging Face model: pip install transformers")
+    except (OSError, ValueError) as e:
+        die(f"could not load Hugging Face model {name}: {first_line(e)}")
+    return dict(model_type=c.model_type, **{k: getattr(c, h, None) for k, h in (
+        ('vocab_size', 'vocab_size'), ('block_size', 'n_positions'), ('n_layer', 'n_layer'),
+        ('n_head', 'n_head'), ('n_embd', 'n_embd'))}), None
+
+def load_gpt(name, vocab_size, block_size):
+    """(model, {name, sha256 of its weights}), its vocabulary and length checked first."""
+    shape, ckpt = gpt_source(name)
+    name = name if name in HF_TEACHERS else os.path.abspath(name)
+    if shape['vocab_size'] != vocab_size:  # (first: a non-GPT-2 model fails here)
+        die(f"{name} has a vocabulary of {shape['vocab_size']} tokens, the data has "
+            f"{vocab_size}: it must use the data's tokenizer")
+    if shape.get('model_type', 'gpt2') != 'gpt2':
+        die(f"{name} is a {shape['model_type']} model: only GPT-2s load into model.py")
+    if (shape['block_size'] or 0) < block_size:
+        die(f"{name} has block_size {shape['block_size']}, shorter than --block_size {block_size}")
+    try:
+        model = GPT.from_pretrained(name) if ckpt is None else GPT(GPTConfig(**shape))
+        if ckpt:
             model.load_state_dict(ckpt['model'])
     except Exception as e:  # no network, no weights, damaged ones, not a GPT
-        die(f"could not load the weights of teacher {name}: {first_line(e)}")
+        die(f"could not load the weights of {name}: {first_line(e)}")
     if not all(bool(p.isfinite().all()) for p in model.parameters()):
-        die(f"teacher {name} has weights that are not finite: it is damaged")
-    info = dict(name=name, sha256=weights_sha256(model))
-    return model.to(env.device).to_teacher(env.dtype), info  # float32 logits
+        die(f"{name} has weights that are not finite: it is damaged")
+    return model, dict(name=name, sha256=weights_sha256(model))
+
+def load_teacher(name, vocab_size, block_size, env):
+    """(frozen teacher, {name, sha256}): float32 logits under autocast."""
+    model, info = load_gpt(name, vocab_size, block_size)
+    return model.to(env.device).to_teacher(env.dtype), info
+
+def student_model(cfg, V, ckpt):
+    """The student: a resumed run's shape, --init_from's weights, or new."""
+    if cfg.init_from != 'scratch' and not ckpt:
+        return load_gpt(cfg.init_from, V, cfg.block_size)[0]
+    return GPT(GPTConfig(**ckpt['model_config']) if ckpt else GPTConfig(
+        block_size=cfg.block_size, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        n_embd=cfg.n_embd))
 
 def find_teacher(cfg, required, cache_meta, vocab_size, env):
     """(teacher, about): the cache's own, or --teacher, or (None, None)."""
@@ -757,7 +777,17 @@ def cache_reader(cfg, loss, V, data, formats, checked=True):
     if meta['split'] != 'train' or meta['vocab_size'] != V:
         die(f"{d} holds {meta['split']} targets over {meta['vocab_size']} tokens, not train "
             f"over {V}: {fix}")
-    if meta['data']['sha256'] != data['sha256']:
+    n, same = meta['data']['n_tokens'], meta['data']['sha256'] == data['sha256']
+    if not same and data['n_tokens'] < n <= os.path.getsize(data['path']) // 2:
+        # a cache of more of the same data serves any prefix of it: check that it is the same
+        h, tokens = hashlib.sha256(), np.memmap(data['path'], np.uint16, mode='r', shape=(n,))
+        for i in range(0, n, 1 << 24):
+            h.update(tokens[i:i + (1 << 24)].tobytes())
+        same = h.hexdigest() == meta['data']['sha256']
+        if same and os.environ.get('RANK', '0') == '0':
+            print(f"note: using the first {(data['n_tokens'] - 1) // cfg.block_size:,} of the "
+                  f"{meta['num_seqs']:,} sequences of {d}")
+    if not same:
         die(f"{d} was made from other training data ({meta['data']['n_tokens']:,} tokens of "
             f"{meta['data']['path']}, this run uses {data['n_tokens']:,}; check --data_dir "
             f"and --max_seqs): {fix}")

@@ -5,7 +5,9 @@ The parameter names are GPT-2's own (transformer.h.0.attn.c_attn, ...), so that 
 weights load into it with nothing but a transpose (see GPT.from_pretrained). At the end: the exact
 and fast kernels that rskd.py's sparse targets sample and rank with (invert_cdf, top_k).
 """
+import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -60,6 +62,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))  # pre-LN residual blocks, as in GPT-2
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# Hugging Face's GPT-2 keeps these four as Conv1D, (in, out): transposed from and to nn.Linear's (out, in)
+TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
 @dataclass
@@ -152,15 +158,42 @@ class GPT(nn.Module):
         model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size,
                               n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd))
         sd, hf_sd = model.state_dict(), hf.state_dict()
-        # HF's GPT-2 keeps these four as Conv1D, i.e. (in, out): transpose into nn.Linear's (out, in)
-        transposed = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
         with torch.no_grad():
             for k, v in hf_sd.items():
                 if k.endswith(('attn.bias', 'attn.masked_bias')) or k == 'lm_head.weight':
                     continue  # causal-mask buffers in older files; lm_head is tied to wte
-                v = v.t() if k.endswith(transposed) else v
+                v = v.t() if k.endswith(TRANSPOSED) else v
                 sd[k][:v.shape[0]].copy_(v)  # wte gets the real rows; its padding stays zero
         return model
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """idx (B, T) continued by max_new_tokens tokens, each drawn from the softmax of the last
+        logits / temperature (over the top_k most likely, if given), the context cropped to the
+        last block_size tokens. top_k=1 is greedy decoding; generator makes the draws repeatable."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:])[:, -1, :].float() / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float('-inf'))
+            probs = F.softmax(logits, dim=-1)
+            idx = torch.cat((idx, torch.multinomial(probs, 1, generator=generator)), dim=1)
+        return idx
+
+    def save_pretrained(self, out_dir):
+        """This model as a Hugging Face GPT2LMHeadModel folder (config.json, model.safetensors): the
+        inverse of from_pretrained, with the real vocabulary rows only."""
+        import transformers
+        c = self.config
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+            n_head=c.n_head, bos_token_id=c.vocab_size - 1, eos_token_id=c.vocab_size - 1))
+        sd = hf.state_dict()
+        with torch.no_grad():
+            for k, v in self.state_dict().items():
+                v = v[:c.vocab_size] if k in ('transformer.wte.weight', 'lm_head.weight') else v
+                sd[k].copy_(v.float().t() if k.endswith(TRANSPOSED) else v.float())
+        hf.save_pretrained(out_dir)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # matrices (matmuls, embeddings) decay; biases and LayerNorm gains do not
@@ -180,6 +213,53 @@ class GPT(nn.Module):
         # runs and for GPUs not in the table
         peak = peak_flops(device_name) if dtype in ('bfloat16', 'float16') else None
         return self.flops_per_token() * tokens_per_sec / peak if peak else None
+
+
+def export_hf(ckpt, out_dir):
+    """A checkpoint of ours (a loaded, checked ckpt.pt) as a Hugging Face folder that transformers
+    runs offline: the model (save_pretrained) and GPT-2's tokenizer files, made in a temp folder
+    and renamed into place."""
+    import shutil
+    import transformers
+    transformers.logging.disable_progress_bar()
+    model = GPT(GPTConfig(**ckpt['model_config']))
+    model.load_state_dict(ckpt['model'])
+    tmp = out_dir + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    vocab, merges = gpt2_bpe_files()
+    with open(f'{tmp}/vocab.json', 'w') as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(f'{tmp}/merges.txt', 'w') as f:
+        f.write('#version: 0.2\n' + ''.join(m + '\n' for m in merges))
+    transformers.GPT2TokenizerFast(f'{tmp}/vocab.json', f'{tmp}/merges.txt').save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def gpt2_bpe_files():
+    """GPT-2's vocab.json and merges.txt, rebuilt from tiktoken's BPE ranks (bytes -> id): each
+    merge is the last step of running BPE on its token's bytes with the merges ranked before it.
+    Bytes are written as GPT-2's printable stand-ins (the byte-to-unicode table of its encoder)."""
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    ranks = enc._mergeable_ranks
+    shown = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    stand_in = dict(zip(shown, map(chr, shown)))
+    stand_in.update({b: chr(256 + i) for i, b in enumerate(b for b in range(256) if b not in shown)})
+
+    def text(token):
+        return ''.join(stand_in[b] for b in token)
+    merges = []
+    for token in sorted((t for t in ranks if len(t) > 1), key=ranks.get):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the best-ranked pair, as BPE does
+            i = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], math.inf))
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append(f"{text(parts[0])} {text(parts[1])}")
+    vocab = {text(t): r for t, r in ranks.items()}
+    vocab['<|endoftext|>'] = enc.eot_token
+    return vocab, merges
 
 
 # dense bf16/fp16 tensor-core peaks (flop/s, no sparsity) from the vendors' data sheets, by the name

@@ -9,12 +9,12 @@ counts, an unbiased estimate of t, and the student learns from it.
   python rskd.py --mode cache               # -> cache-rs/
   python rskd.py --mode train --loss rskd   # -> out/
   python rskd.py --mode verify              # check a cache
+  python rskd.py --mode export              # out/ -> out/hf
   torchrun --standalone --nproc_per_node=8 rskd.py --mode cache
 """
 import functools
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
@@ -26,27 +26,28 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from guardrails import (
-    Interrupted, at_least_1, ascending, cache_reader, check_batching,
+    Interrupted, ascending, at_least_1, cache_reader, check_batching,
     check_data, check_finite, check_model_size, data_fingerprint,
     ddp_teardown, descending, die, entry_point, find_teacher,
-    folder_lock, in_vocab, load_teacher, log_eval, log_step, opt,
-    output_folder, parse_args, positive, probability,
+    folder_lock, in_vocab, load_checkpoint, load_teacher, log_eval,
+    log_step, opt, output_folder, parse_args, positive, probability,
     recorded_options, resolve_config, restore, save_checkpoint, setup,
-    start_metrics, stop_everywhere, stop_requested, sums_to,
-    verify_cache, write_cache)
-from model import GPT, GPTConfig, invert_cdf, top_k  # GPT(idx): (B, T, V)
+    start_metrics, stop_everywhere, stop_requested, student_model,
+    sums_to, verify_cache, write_cache)
+from model import export_hf, invert_cdf, top_k
 
 # ---------------------------------------------------------------
 # config: each field carries its --help text, for the command line
 
 @dataclass
 class Config:
-    mode: str = opt('train', "what to run", ('teacher', 'cache', 'train', 'verify'))
+    mode: str = opt('train', "run", ('teacher', 'cache', 'train', 'verify', 'export'))
     data_dir: str = opt('data', "from prepare_data.py")
     out_dir: str = opt('out', "checkpoint and metrics.jsonl")
     cache_dir: str = opt('cache-rs', "the teacher's cache")
     teacher: str = opt('out-teacher/ckpt.pt', "ckpt, gpt2, HF dir")
     resume: bool = opt(False, "continue out_dir/ckpt.pt")
+    init_from: str = opt('scratch', "student: scratch, gpt2*, HF dir, ckpt")
     max_seqs: int = opt(0, "use the first max_seqs (0: all)")
     # the student's shape (the teacher's: TEACHER below)
     n_layer: int = opt(2, "transformer blocks")
@@ -507,8 +508,7 @@ def setup_train(cfg, env, ckpt):
     teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
     check_model_size(cfg, V, env)  # before allocating it
     torch.manual_seed(stream_seed(cfg.seed, INIT))
-    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd)).to(env.device)
+    model = student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
@@ -632,15 +632,13 @@ def run_train(cfg, env, ckpt=None):
                 mean = train_time / max(it - start - 1, 1)
                 log_step(it, lossf, lr, dt, mean or dt,
                          tokens_per_step, r.model, cfg, env)
-    if env.master and m:
-        m.pop('reliability')
-        line = ', '.join(f"{k} {v:.4f}" for k, v in m.items())
-        print(f"done: {cfg.out_dir} {line}")
+    if env.master and m:  # the last eval, once more
+        print(f"done: {cfg.out_dir} " + ', '.join(
+            f"{k} {v:.4f}" for k, v in m.items() if k != 'reliability'))
 
 # ---------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(Config, argv, TEACHER, __doc__)
     # any error or signal: one line and an honest exit status, saved
     # work kept; one run per output folder; DDP torn down cleanly
@@ -653,8 +651,10 @@ def main(argv=None):
                 run_train(cfg, env, ckpt)
             elif cfg.mode == 'cache':
                 run_cache(cfg, env)
-            else:  # every sequence against its checksum, and the data
+            elif cfg.mode == 'verify':  # every sequence and the data
                 verify_cache(cfg, env, FORMATS)
+            else:  # OUT_DIR/ckpt.pt as a Hugging Face folder, OUT_DIR/hf
+                export_hf(load_checkpoint(f'{cfg.out_dir}/ckpt.pt'), f'{cfg.out_dir}/hf')
 
 if __name__ == '__main__':
     main()

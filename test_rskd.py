@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -735,9 +736,12 @@ def test_each_loss_trains_and_logs_every_metric(tmp_path, data, teacher, caches,
     assert 'done: ' in capsys.readouterr().out
 
 
-def test_bench_writes_every_number(tmp_path, data, teacher):
+def test_bench_writes_every_number(tmp_path, data, teacher, capsys):
     import bench
+    capsys.readouterr()
     bench.main(['--data_dir', data, '--teacher', teacher, '--out_dir', str(tmp_path), *TINY])
+    out = capsys.readouterr().out  # one line a measurement, then the tables: no inner run's lines
+    assert len(out.splitlines()) < 60 and 'cache complete' not in out and out.count('measured ') == 5, out
     res = json.load(open(tmp_path / 'bench.json'))
     formats = set(rskd.FORMATS)  # every format is benched, with no edit of bench.py
     for key in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes'):
@@ -1996,4 +2000,126 @@ def test_soak_random_kills(tmp_path):
         del m['teacher']['name'], m['crc32']  # its weights' hash must not
     assert clean == killed and metas[0] == metas[1]
     a, b = final_weights(tmp_path / 'clean' / 'student'), final_weights(tmp_path / 'killed' / 'student')
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- using the student
+
+def gpt2_checkpoint(path, vocab=50257, seed=0, **shape):
+    """A tiny GPT with GPT-2's vocabulary, saved as a checkpoint of ours."""
+    torch.manual_seed(seed)
+    config = dict(block_size=32, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16, **shape)
+    state = dict(model=GPT(GPTConfig(**config)).state_dict(), model_config=config, config={}, iter_num=0)
+    os.makedirs(path, exist_ok=True)
+    torch.save(dict(state, crc32=guardrails.digest(state)), os.path.join(path, 'ckpt.pt'))
+    return str(path)
+
+
+def sample(capsys, *argv):
+    import sample as sample_py
+    capsys.readouterr()
+    sample_py.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_sample_is_repeatable_and_top_k_1_is_greedy(tmp_path, teacher, capsys):
+    d = os.path.dirname(teacher)
+    args = ['--out_dir', d, '--start', 'a', '--num_samples', 2, '--max_new_tokens', 40]
+    one, again, other = sample(capsys, *args), sample(capsys, *args), sample(capsys, *args, '--seed', 7)
+    assert one == again and one != other and one.count('---------------') == 2
+    # --top_k 1: the most likely token each time, whatever the seed and temperature
+    model = GPT(GPTConfig(**torch.load(teacher, weights_only=True)['model_config']))
+    model.load_state_dict(torch.load(teacher, weights_only=True)['model'])
+    idx = torch.tensor([[64]])  # 'a'
+    for _ in range(40):
+        idx = torch.cat([idx, model.eval()(idx[:, -16:])[:, -1].argmax(-1, keepdim=True)], 1)
+    import tiktoken
+    greedy = tiktoken.get_encoding('gpt2').decode(idx[0].tolist())
+    for seed in (1, 2):
+        out = sample(capsys, *args, '--top_k', 1, '--seed', seed, '--temperature', 1.5)
+        assert out.split('\n---------------\n')[0] == greedy
+    prompt = tmp_path / 'prompt.txt'
+    prompt.write_text('!a' * 100)  # 200 tokens, longer than block_size 16: cropped, not refused
+    assert sample(capsys, '--out_dir', d, '--start', f'FILE:{prompt}', '--num_samples', 1, '--max_new_tokens', 3)
+
+
+def test_sample_errors_are_one_line(tmp_path, teacher, capsys):
+    d = os.path.dirname(teacher)
+    (tmp_path / 'empty.txt').write_text('')
+    for argv, words in [(['--out_dir', tmp_path / 'none'], 'ckpt.pt not found'),
+                        (['--out_dir', d, '--start', ''], 'the prompt is empty'),
+                        (['--out_dir', d, '--start', f"FILE:{tmp_path / 'empty.txt'}"], 'the prompt is empty'),
+                        (['--out_dir', d, '--start', f"FILE:{tmp_path / 'missing.txt'}"], 'No such file'),
+                        (['--out_dir', d, '--start', 'Zürich'], "outside this model's vocabulary of 97"),
+                        (['--out_dir', d, '--top_k', 0], '--top_k must be at least 1')]:
+        with pytest.raises(SystemExit) as e:
+            sample(capsys, *argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1 and err.startswith('error: ') and '\n' not in err and words in err, err
+
+
+def test_export_to_hugging_face(tmp_path, capsys):
+    transformers = __import__('transformers') if os.environ.get('CI') else pytest.importorskip('transformers')
+    d = gpt2_checkpoint(tmp_path / 'out')
+    run('--mode', 'export', '--out_dir', d)
+    ckpt = torch.load(os.path.join(d, 'ckpt.pt'), weights_only=True)
+    ours = GPT(GPTConfig(**ckpt['model_config'])).eval()
+    ours.load_state_dict(ckpt['model'])
+    hf = transformers.GPT2LMHeadModel.from_pretrained(f'{d}/hf').eval()
+    assert hf.lm_head.weight.shape[0] == 50257  # the real vocabulary only
+    idx = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)).abs().max() <= 1e-4
+    greedy = hf.generate(idx[:1, :4], max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    assert torch.equal(greedy, ours.generate(idx[:1, :4], 20, top_k=1))
+    back = GPT.from_pretrained(f'{d}/hf').eval()  # imported back: the same logits again
+    with torch.no_grad():
+        assert (back(idx) - ours(idx)).abs().max() <= 1e-4
+    import tiktoken
+    text = open(RSKD_PY).read() + " naïve 日本 \t\n  <|endoftext|>x"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(f'{d}/hf')
+    assert tokenizer(text)['input_ids'] == tiktoken.get_encoding('gpt2').encode(text, allowed_special='all')
+    out = transformers.pipeline('text-generation', model=f'{d}/hf')('Hello', max_new_tokens=5, do_sample=False)
+    assert out[0]['generated_text'].startswith('Hello')
+    assert 'ckpt.pt not found' in fail(capsys, '--mode', 'export', '--out_dir', tmp_path / 'nothing')
+    assert not os.path.exists(tmp_path / 'nothing')
+
+
+def test_init_from_a_gpt2_folder_or_a_checkpoint(tmp_path, data, capsys):
+    transformers = __import__('transformers') if os.environ.get('CI') else pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=32, n_embd=24, n_layer=3, n_head=3)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / 'hf')
+    args = ['--mode', 'train', '--data_dir', data, '--block_size', 16, '--batch_size', 4, '--loss', 'ce',
+            '--max_iters', 0, '--eval_iters', 4]
+    run(*args, '--init_from', tmp_path / 'hf', '--out_dir', tmp_path / 'a')
+    ckpt = torch.load(tmp_path / 'a' / 'ckpt.pt', weights_only=True)
+    assert (ckpt['config']['n_layer'], ckpt['config']['n_embd'], ckpt['model_config']['n_head']) == (3, 24, 3)
+    # it starts at that model's val loss
+    model = GPT.from_pretrained(str(tmp_path / 'hf'))
+    tokens = np.memmap(os.path.join(data, 'val.bin'), np.uint16, mode='r')
+    S = (len(tokens) - 1) // 16
+    seqs = np.unique(np.linspace(0, S - 1, min(4 * 4, S)).round().astype(int)).tolist()
+    env = SimpleNamespace(device='cpu', type='cpu', ctx=contextlib.nullcontext(), rank=0, world=1, ddp=False)
+    cfg = SimpleNamespace(batch_size=4, block_size=16)
+    want = rskd.evaluate(model, None, tokens, seqs, cfg, env)['val_loss']
+    got = json.loads(open(tmp_path / 'a' / 'metrics.jsonl').readline())['val_loss']
+    assert round(got, 4) == round(want, 4)
+    # a checkpoint of ours works the same way; a shape option that contradicts it is refused
+    run(*args, '--init_from', tmp_path / 'a' / 'ckpt.pt', '--out_dir', tmp_path / 'b')
+    assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['model_config']['n_embd'] == 24
+    assert '--n_layer 2: --init_from' in fail(capsys, *args, '--init_from', tmp_path / 'hf', '--n_layer', 2,
+                                             '--out_dir', tmp_path / 'c')
+
+
+def test_a_cache_serves_any_prefix_of_its_data(tmp_path, data, teacher, capsys):
+    run(*cache_args(data, teacher, tmp_path / 'c128', '--max_seqs', 128))
+    run(*cache_args(data, teacher, tmp_path / 'c64', '--max_seqs', 64))
+    for c in ('c128', 'c64'):
+        capsys.readouterr()
+        run('--mode', 'train', '--data_dir', data, *TINY, '--max_seqs', 64, '--cache_dir', tmp_path / c,
+            '--max_iters', 12, '--eval_interval', 6, '--out_dir', tmp_path / f'out-{c}')
+        said = capsys.readouterr().out
+        assert (f"using the first 64 of the 128 sequences of {tmp_path / 'c128'}" in said) == (c == 'c128')
+    a, b = final_weights(tmp_path / 'out-c128'), final_weights(tmp_path / 'out-c64')
     assert all(torch.equal(a[k], b[k]) for k in a)
