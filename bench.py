@@ -5,6 +5,7 @@ and the tables of RESULTS.md.
   python bench.py [rskd.py options]   # writes OUT_DIR/bench.json
   python bench.py rounds [options]    # distinct ids per position for N = 1..255, fidelity at a few N
   python bench.py tables              # RESULTS.md's tables, from the runs' metrics.jsonl (in this folder)
+  python bench.py plots               # RESULTS.md's pictures, the same runs' (matplotlib: plots/*.png)
 
 Every entry of rskd.FORMATS is benched: its caching speed, its reading cost, its training step and
 its gradient against full KD's, so that a new format is measured with no edit here. Every method is
@@ -499,11 +500,53 @@ def print_tables(rows=ROWS, seeds=SEEDS):
         print(f"| {b / 5:.1f}-{(b + 1) / 5:.1f} | " + ' | '.join(cells) + ' |')
 
 
+def plot(rows=ROWS, seeds=SEEDS, out='plots'):
+    """RESULTS.md's pictures, from the metrics.jsonl of the runs here (out-RUN-SEED): the
+    students' reliability diagrams (seed 1) and their val-loss curves (every seed)."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        die("the plots need matplotlib: pip install matplotlib")
+    rows = [r for r in rows if all(os.path.isdir(f'out-{r[1]}-{seed}') for seed in seeds)]
+    if not rows:
+        die(f"no runs here to plot (out-ce-{seeds[0]}, ...): run them first, as RESULTS.md says")
+    os.makedirs(out, exist_ok=True)
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.6 * len(rows), 3), sharey=True, squeeze=False)
+    for ax, (name, run, *_) in zip(axes[0], rows):
+        last = last_eval(f'out-{run}-{seeds[0]}')
+        count, conf, acc = np.array(last['reliability']).T  # per confidence bin
+        edges = np.linspace(0, 1, len(count) + 1)
+        ax.bar(edges[:-1], acc, width=np.diff(edges), align='edge', edgecolor='k', label='accuracy')
+        ax.plot([0, 1], [0, 1], ':', color='gray', label='calibrated')
+        ax.plot(conf[count > 0], acc[count > 0], '.', color='C3', label='mean confidence')
+        ax.set(title=f"{name}\nECE {100 * last['ece']:.1f}%", xlabel='confidence', xlim=(0, 1))
+    axes[0][0].set(ylabel='accuracy', ylim=(0, 1))
+    axes[0][0].legend(fontsize=7, loc='upper left')
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'reliability.png'), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (name, run, *_) in enumerate(rows):
+        for seed, style in zip(seeds, ('-', '--', ':')):
+            evals = read_metrics(f'out-{run}-{seed}/metrics.jsonl')
+            ax.plot([e['iter'] for e in evals], [e['val_loss'] for e in evals], style, color=f'C{i}',
+                    label=f"{name}, seed {seed}")
+    ax.set(xlabel='step', ylabel='val loss', ylim=(None, ax.get_ylim()[0] + 3))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'val_loss.png'), dpi=110)
+    plt.close('all')
+    print(f"wrote {out}/reliability.png and {out}/val_loss.png")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     with entry_point():  # one line for any error, an honest exit status
         if argv[:1] == ['tables']:
             return print_tables()
+        if argv[:1] == ['plots']:
+            return plot()
         rounds = argv[:1] == ['rounds']
         args = parse_args(rskd.Config, argv[rounds:], rskd.TEACHER, __doc__)
         cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,

@@ -374,11 +374,20 @@ def check_data(data_dir, split, T, max_seqs, env):
     SCANNED[key] = sha.hexdigest()
     return path, n, V
 
-def data_fingerprint(tokens, path, env):
-    """{path, n_tokens, sha256 of those tokens}, from check_data's pass."""
+def tokens_sha256(path, n):
+    """The sha256 of a .bin file's first n tokens (check_data's pass made most)."""
     stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, len(tokens))
-    return dict(path=key[0], n_tokens=len(tokens), sha256=SCANNED[key])
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, n)
+    if key not in SCANNED:
+        h, tokens = hashlib.sha256(), np.memmap(path, np.uint16, mode='r', shape=(n,))
+        for i in range(0, n, 1 << 24):
+            h.update(tokens[i:i + (1 << 24)].tobytes())
+        SCANNED[key] = h.hexdigest()
+    return SCANNED[key]
+
+def data_fingerprint(tokens, path, env):
+    """{path, n_tokens, sha256 of those tokens}: caches and runs record it."""
+    return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=tokens_sha256(path, len(tokens)))
 
 # -----------------------------------------------------------------------------
 # checkpoints, metrics and teachers
@@ -487,9 +496,9 @@ def gpt_source(name):
         die(f"{name} is a Hugging Face model: pip install transformers")
     except (OSError, ValueError) as e:
         die(f"could not load Hugging Face model {name}: {first_line(e)}")
-    return dict(model_type=c.model_type, **{k: getattr(c, h, None) for k, h in (
-        ('vocab_size', 'vocab_size'), ('block_size', 'n_positions'), ('n_layer', 'n_layer'),
-        ('n_head', 'n_head'), ('n_embd', 'n_embd'))}), None
+    names = dict(vocab_size='vocab_size', block_size='n_positions', n_layer='n_layer',
+                 n_head='n_head', n_embd='n_embd', model_type='model_type')
+    return {k: getattr(c, hf, None) for k, hf in names.items()}, None
 
 def load_gpt(name, vocab_size, block_size):
     """(model, {name, sha256 of its weights}), its vocabulary and length checked first."""
@@ -521,9 +530,8 @@ def student_model(cfg, V, ckpt):
     """The student: a resumed run's shape, --init_from's weights, or new."""
     if cfg.init_from != 'scratch' and not ckpt:
         return load_gpt(cfg.init_from, V, cfg.block_size)[0]
-    return GPT(GPTConfig(**ckpt['model_config']) if ckpt else GPTConfig(
-        block_size=cfg.block_size, vocab_size=V, n_layer=cfg.n_layer, n_head=cfg.n_head,
-        n_embd=cfg.n_embd))
+    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    return GPT(GPTConfig(**ckpt['model_config']) if ckpt else GPTConfig(cfg.block_size, V, **shape))
 
 def find_teacher(cfg, required, cache_meta, vocab_size, env):
     """(teacher, about): the cache's own, or --teacher, or (None, None)."""
@@ -777,20 +785,15 @@ def cache_reader(cfg, loss, V, data, formats, checked=True):
     if meta['split'] != 'train' or meta['vocab_size'] != V:
         die(f"{d} holds {meta['split']} targets over {meta['vocab_size']} tokens, not train "
             f"over {V}: {fix}")
-    n, same = meta['data']['n_tokens'], meta['data']['sha256'] == data['sha256']
-    if not same and data['n_tokens'] < n <= os.path.getsize(data['path']) // 2:
-        # a cache of more of the same data serves any prefix of it: check that it is the same
-        h, tokens = hashlib.sha256(), np.memmap(data['path'], np.uint16, mode='r', shape=(n,))
-        for i in range(0, n, 1 << 24):
-            h.update(tokens[i:i + (1 << 24)].tobytes())
-        same = h.hexdigest() == meta['data']['sha256']
-        if same and os.environ.get('RANK', '0') == '0':
-            print(f"note: using the first {(data['n_tokens'] - 1) // cfg.block_size:,} of the "
-                  f"{meta['num_seqs']:,} sequences of {d}")
-    if not same:
+    n = meta['data']['n_tokens']  # a cache of more of the same data serves any prefix of it
+    longer = data['n_tokens'] < n <= os.path.getsize(data['path']) // 2
+    if meta['data']['sha256'] != tokens_sha256(data['path'], n if longer else data['n_tokens']):
         die(f"{d} was made from other training data ({meta['data']['n_tokens']:,} tokens of "
             f"{meta['data']['path']}, this run uses {data['n_tokens']:,}; check --data_dir "
             f"and --max_seqs): {fix}")
+    if longer and os.environ.get('RANK', '0') == '0':
+        print(f"note: using the first {(data['n_tokens'] - 1) // cfg.block_size:,} of the "
+              f"{meta['num_seqs']:,} sequences of {d}")
     mm = cache_memmaps(d, meta, formats)
     fmt, units = formats[meta['method']], cache_files(meta, formats)
     ids = [name for name, (dtype, _, _) in fmt['files'].items() if dtype == 'ids']
@@ -815,12 +818,10 @@ def verify_cache(cfg, env, formats):
     meta = read_cache_meta(d, formats)
     mm = cache_memmaps(d, meta, formats, tail_ok=not meta['complete'])
     units, S, T = cache_files(meta, formats), meta['seqs_done'], meta['block_size']
-    split = os.path.join(cfg.data_dir, f"{meta['split']}.bin")
     if os.path.isfile(os.path.join(cfg.data_dir, 'meta.json')):
-        n = meta['data']['n_tokens']  # all of the split, or max_seqs * T + 1
-        whole = os.path.isfile(split) and n == os.path.getsize(split) // 2
-        path, n, _ = check_data(cfg.data_dir, meta['split'], T, 0 if whole else (n - 1) // T, env)
-        if data_fingerprint(range(n), path, env)['sha256'] != meta['data']['sha256']:
+        path, size, _ = check_data(cfg.data_dir, meta['split'], T, 0, env)  # and its crc32
+        n = meta['data']['n_tokens']  # all of the split, or max_seqs * T + 1 of it
+        if n > size or tokens_sha256(path, n) != meta['data']['sha256']:
             die(f"{d} was made from other tokens than {path}'s: pass its --data_dir")
         print(f"verify: {path} matches its checksum and the cache's data fingerprint")
     bad, t0 = [], time.time()
@@ -1092,9 +1093,6 @@ def entry_point():
         if not isinstance(e, OSError):
             raise
         path = e.filename2 or e.filename  # (a rename's destination is filename2)
-        if isinstance(e, (IsADirectoryError, NotADirectoryError)):
-            what = 'a folder where rskd needs a file' if os.path.isdir(path) else 'not a folder'
-            die(f"{path} is {what}: move it away or pass another path")
         die(f"{e.strerror or e}{': ' + str(path) if path else ''}: fix that and rerun the "
             f"same command; work saved before is intact")
     finally:

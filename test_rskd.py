@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import fcntl
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -943,6 +944,14 @@ def test_bench_tables_print_every_row(tmp_path, data, caches, monkeypatch, capsy
         open(f'out-ce-{seed}/metrics.jsonl', 'w').write(guardrails.dumps(rec) + '\n')
     bench.print_tables()
     assert '| CE | 3.000 ± 0.000 | 2.00 ± 0.00 | - | - |' in capsys.readouterr().out
+    if importlib.util.find_spec('matplotlib'):  # (optional, as transformers is)
+        bench.plot()
+        assert all(os.path.getsize(f'plots/{f}.png') > 1000 for f in ('reliability', 'val_loss'))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
+        with pytest.raises(SystemExit):
+            bench.plot()
+        assert 'pip install matplotlib' in capsys.readouterr().err
     open('out-ce-2/metrics.jsonl', 'w').close()  # a run stopped before its first eval
     with pytest.raises(SystemExit):
         bench.print_tables()
@@ -1155,7 +1164,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'train.bin is a folder': (lambda: ['--mode', 'train', '--data_dir', data_with(lambda d: folder_instead(d, 'train.bin'))], 'train.bin is a folder, not a file'),
         'cache meta.json is a folder': (lambda: [*train, '--cache_dir', cache_with(lambda d: folder_instead(d, 'meta.json'))], 'meta.json is a folder, not a file'),
         'ckpt.pt is a folder': (lambda: (os.makedirs(f'{tmp}/out/ckpt.pt'), [*train, '--resume', 'true'])[1], 'ckpt.pt is a folder, not a file'),
-        'metrics.jsonl is a folder': (lambda: (os.makedirs(f'{tmp}/out/metrics.jsonl'), [*train, '--cache_dir', caches['rs']])[1], 'metrics.jsonl is a folder where rskd needs a file'),
+        'metrics.jsonl is a folder': (lambda: (os.makedirs(f'{tmp}/out/metrics.jsonl'), [*train, '--cache_dir', caches['rs']])[1], 'Is a directory: '),
         'nan learning_rate': (lambda: [*train, '--learning_rate', 'nan'], '--learning_rate must be a finite number, got nan'),
         'inf alpha': (lambda: [*train, '--alpha', 'inf'], '--alpha must be a finite number, got inf'),
         'nan proposal_temperature': (lambda: [*cache, '--method', 'is', '--proposal_temperature', 'nan'], '--proposal_temperature must be a finite number'),
@@ -1740,7 +1749,7 @@ def test_prepare_data_guard_rails(tmp_path, caches, capsys, monkeypatch):
     before = {d: files_of(d) for d in (out, cache)}
     assert 'holds checksums.bin, which prepare_data.py does not write' in fails('--input', corpus, '--out', cache)
     (tmp_path / 'a_file').write_text('x')
-    assert 'is not a folder' in fails('--input', corpus, '--out', tmp_path / 'a_file')
+    assert 'Not a directory' in fails('--input', corpus, '--out', tmp_path / 'a_file')
     held = open(out / '.lock', 'a+')  # another run holds the folder
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert 'is in use by another rskd run' in fails('--input', corpus, '--out', out)
@@ -1750,7 +1759,7 @@ def test_prepare_data_guard_rails(tmp_path, caches, capsys, monkeypatch):
     def full_disk(path, mode='r', *a, **k):  # the .bin temp files land on a full disk
         return real_open('/dev/full' if str(path).endswith('.bin.tmp') else path, mode, *a, **k)
     os.makedirs(out / 'meta.json.tmp')  # the new meta.json cannot be written: the old dataset stays
-    assert 'meta.json.tmp is a folder where rskd needs a file' in fails('--input', corpus, '--out', out)
+    assert 'Is a directory: ' in fails('--input', corpus, '--out', out)
     os.rmdir(out / 'meta.json.tmp')
     monkeypatch.setattr(guardrails, 'open', full_disk, raising=False)
     assert 'No space left on device' in fails('--input', corpus, '--out', out)
