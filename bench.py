@@ -31,7 +31,7 @@ import torch
 
 import rskd
 from guardrails import (die, entry_point, folder_lock, load_checkpoint, load_teacher, output_folder, parse_args,
-                        read_json, read_metrics, recorded_options, resolve_config, setup, write_json)
+                        checked_json, read_json, recorded_options, resolve_config, setup, write_json)
 from model import GPT, GPTConfig
 
 TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass
@@ -449,6 +449,12 @@ ROWS = [('CE', 'ce', 'ce', ''), ('Top-K 12', 'topk', 'topk', 'cache-topk'),
         ('RS-KD, 5 rounds', 'rs5', 'rs', 'cache-rs5'), ('RS-KD, 12 rounds', 'rs12', 'rs', 'cache-rs12'),
         ('RS-KD, 150 rounds', 'rs150', 'rs', 'cache-rs150')]
 SEEDS = (1, 2)
+
+
+def read_metrics(path):
+    """A metrics.jsonl's records, each checked against its crc32, as every file rskd reads."""
+    with open(path, 'rb') as f:
+        return [checked_json(line, f"{path} line {i}", "it is damaged") for i, line in enumerate(f, 1)]
 
 
 def last_eval(run):

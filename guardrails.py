@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import time
@@ -47,8 +46,7 @@ def die(msg):
 def first_line(e):
     return (str(e).splitlines() or [type(e).__name__])[0]
 
-# -----------------------------------------------------------------------------
-# the command line and the config
+# ---- the command line and the config ---------------------------------------------------
 
 def boolean(s):
     if s.lower() not in ('true', 'false', '1', '0'):
@@ -173,8 +171,7 @@ def check_config(cfg, cached_losses):
     if cfg.device.startswith('cuda') and 'RANK' not in os.environ and gpus <= int(cfg.device[5:] or 0):
         die(f"--device {cfg.device}, but this PyTorch sees {gpus} CUDA GPUs: use --device cpu")
 
-# -----------------------------------------------------------------------------
-# the run's environment
+# ---- the run's environment -------------------------------------------------------------
 
 def resolve_dtype(dtype, device):
     """auto: float32 on CPU; bfloat16 on GPUs whose tensor cores have it
@@ -202,11 +199,8 @@ def setup(cfg):
     elif cfg.device == 'auto':  # (not mps: it has no float64)
         env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     env.master, env.type = env.rank == 0, env.device.split(':')[0]
-    if env.type == 'cuda':
-        if torch.device(env.device).index is not None:  # cuda:N
-            torch.cuda.set_device(env.device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if env.type == 'cuda' and torch.device(env.device).index is not None:  # cuda:N
+        torch.cuda.set_device(env.device)  # (TF32 stays off: float32 is float32)
     env.name = torch.cuda.get_device_name(env.device) if env.type == 'cuda' else env.device
     env.dtype = resolve_dtype(cfg.dtype, env.device)
     # autocast: matmuls in 16 bits; losses, softmaxes, metrics in float32
@@ -238,8 +232,7 @@ def check_batching(cfg, world, S):
             f"--gradient_accumulation_steps")
     return accum // world
 
-# -----------------------------------------------------------------------------
-# one integrity rule for every file rskd reads back, and atomic writes
+# ---- one integrity rule for every file rskd reads back, and atomic writes --------------
 
 def need_file(path, what):
     if not os.path.isfile(path):
@@ -282,12 +275,6 @@ def read_json(path, what, schema=None):
         d = checked_json(f.read(), path, what)
     return check_fields(d, schema, path, what) or d if schema else d
 
-def read_metrics(path):
-    """A metrics.jsonl's records, each checked against its crc32."""
-    with open(path, 'rb') as f:
-        return [checked_json(line, f"{path} line {i}", "it is damaged")
-                for i, line in enumerate(f, 1)]
-
 def check_fields(d, schema, where, what):
     if not isinstance(d, dict) or set(d) != set(schema):
         have = set(d) if isinstance(d, dict) else set()
@@ -321,19 +308,14 @@ def replaced(path):
             e.filename = path
         raise
 
-def write_bytes(data, path):
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-    if len(data) > free:  # (the old file stays until the new one is whole)
-        die(f"saving {path} needs {len(data) / 1e6:,.0f} MB free beside the last saved "
-            f"one, the disk has {free / 1e6:,.0f} MB: free space and rerun")
+def write_bytes(data, path):  # (a full disk: the old file stays whole)
     with replaced(path) as f:
         f.write(data)
 
 def write_json(d, path):
     write_bytes(dumps(d, indent=1).encode(), path)
 
-# -----------------------------------------------------------------------------
-# the data
+# ---- the data --------------------------------------------------------------------------
 
 DATA_META = dict(tokenizer=str, vocab_size=int, eot=int, dtype=str, train_tokens=int,
                  val_tokens=int, train_docs=int, val_docs=int, train_crc32=int,
@@ -389,8 +371,7 @@ def data_fingerprint(tokens, path, env):
     """{path, n_tokens, sha256 of those tokens}: caches and runs record it."""
     return dict(path=os.path.abspath(path), n_tokens=len(tokens), sha256=tokens_sha256(path, len(tokens)))
 
-# -----------------------------------------------------------------------------
-# checkpoints, metrics and teachers
+# ---- checkpoints, metrics and teachers -------------------------------------------------
 
 def save_checkpoint(path, model, optimizer, scaler, it, best_val_loss, config, evals):
     """All an exact resume needs (and the evals), with its crc32; made in
@@ -550,11 +531,9 @@ def find_teacher(cfg, required, cache_meta, vocab_size, env):
             f"that one with --teacher")
     return teacher, info
 
-# -----------------------------------------------------------------------------
-# the cache on disk: meta.json, and the files that a FORMATS entry
-# describes. Nothing here knows a method or a format's file: the entry
-# says it all. The layout's own files: seq_offsets (ragged formats:
-# where each sequence's entries start), checksums (a crc32 a sequence).
+# ---- the cache on disk ------------------------------------------------------------------
+# meta.json and the files a FORMATS entry describes: nothing here knows a method or a file of
+# one. The layout's own: seq_offsets (ragged: where sequences start), checksums (crc32 each).
 
 CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int,
                   num_seqs=int, seed=int, split=str, teacher=dict(name=str, sha256=str),
@@ -567,8 +546,8 @@ RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries')
 FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
 
-# The value checks that FORMATS entries list: (a batch's values of a file,
-# where each position's values start, meta.json) -> all are valid.
+# The value checks FORMATS entries list: (a batch's values of a file, where
+# each position's values start, meta.json) -> every value is valid.
 
 def in_vocab(a, starts, meta):  # token ids: 0 <= id < vocab_size
     return a.size == 0 or bool(a.min() >= 0 and a.max() < meta['vocab_size'])
@@ -715,8 +694,7 @@ def failed_check(meta, fmt, rows):
                 return f"{check.__name__} of '{name}'"
     return None
 
-def to_ranges(seqs):
-    """Sorted sequence numbers -> [(first, last), ...] of their runs."""
+def to_ranges(seqs):  # sorted sequence numbers -> [(first, last), ...] of their runs
     runs = itertools.groupby(enumerate(seqs), lambda pair: pair[1] - pair[0])
     return [(run[0][1], run[-1][1]) for run in (list(r) for _, r in runs)]
 
@@ -897,8 +875,7 @@ class CacheWriter:
         if env.ddp:
             dist.barrier()
         self.t0 = self.committed = time.time()
-        self.progress = progress_printer('cache', 'positions', self.start * T,
-                                         meta['num_seqs'] * T)
+        self.progress = progress_printer('cache', 'positions', self.start * T, meta['num_seqs'] * T)
 
     def add(self, part, seqs, done):
         """part: the target's output for seqs (None: none); done: the
@@ -982,8 +959,7 @@ class CacheWriter:
                   f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")
         return tok_s
 
-# -----------------------------------------------------------------------------
-# progress, folders, signals and errors
+# ---- progress, folders, signals and errors ---------------------------------------------
 
 def progress_printer(what, unit, start, total, every=5.0):
     """progress(done): 'done/total, tok/s, ETA' every few seconds."""

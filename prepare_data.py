@@ -1,13 +1,11 @@
 """
-Tokenize text into GPT-2 BPE tokens for rskd.py: OUT/train.bin, OUT/val.bin
-(uint16, EOT 50256 after every document) and OUT/meta.json.
+Tokenize text into GPT-2 BPE tokens: OUT/train.bin, OUT/val.bin (uint16, EOT 50256 after every
+document) and OUT/meta.json. A .txt/.md/.py file is one document, and so is each line of a .jsonl
+file (its "text"); files are read in sorted order, and with --val_fraction f, document i goes to
+val when ceil((i+1)*f) > ceil(i*f).
 
   python prepare_data.py                      # offline: the Python stdlib's source
   python prepare_data.py --input books/ web.jsonl --out data
-
-A .txt/.md/.py file is one document, and so is each line of a .jsonl file
-(its "text"). Files are read in sorted order; with --val_fraction f,
-document i goes to val when ceil((i+1)*f) > ceil(i*f).
 """
 import argparse
 import json
@@ -26,9 +24,8 @@ from guardrails import die, dumps, entry_point, folder_lock, replaced
 EXTENSIONS = ('.txt', '.md', '.py', '.jsonl')
 OWN = ('train.bin', 'val.bin', 'meta.json')  # all that --out may hold
 PIECE = 1 << 22  # big files are read ~4M characters at a time
-# the end of the last non-space character before a space or newline:
-# GPT-2's pre-tokenizer always splits there (no pattern runs from
-# non-space into space), so pieces cut there tokenize as the whole
+# the end of the last non-space character before a space or newline: GPT-2's pre-tokenizer
+# always splits there (no pattern runs on into space), so pieces tokenize as the whole does
 CUT = re.compile(r'(?s:.*)\S(?=[ \n])')
 
 def list_files(paths, extensions=EXTENSIONS):
@@ -94,14 +91,13 @@ def main(argv=None):
         files = list_files(sources, EXTENSIONS if args.input else ('.py',))
         if not files:
             die(f"no {'/'.join(EXTENSIONS)} files in {' '.join(sources)}")
-        out = args.out  # a folder of our files only: never a cache or a run
-        others = sorted(n for n in (os.listdir(out) if os.path.lexists(out) else [])
-                        if n.removesuffix('.tmp') not in OWN + ('.lock',))
+        others = sorted(n for n in (os.listdir(args.out) if os.path.lexists(args.out) else [])
+                        if n.removesuffix('.tmp') not in OWN + ('.lock',))  # never a cache or run
         if others:
-            die(f"--out {out} holds {others[0]}, which prepare_data.py does not write: "
+            die(f"--out {args.out} holds {others[0]}, which prepare_data.py does not write: "
                 f"pass a new folder, or one that holds only data")
         enc = load_tokenizer()
-        with folder_lock(out):
+        with folder_lock(args.out):
             prepare(files, sources, enc, args)
 
 def prepare(files, sources, enc, args):

@@ -192,7 +192,7 @@ def topk_weights(stored, meta):  # the teacher's own t_i
 #   files     name -> (dtype, per, checks). dtype 'ids': uint16 (int32
 #             past 65,536 tokens). per: 'position' (one value each), an
 #             option such as 'k' (k each) or 'entry' (ragged). checks:
-#             f(values, each position's start, meta) -> ok, on every read
+#             f(values, each position's start, meta) -> ok, per batch
 #   ragged    its file of entries per position, or None
 #   weights   stored arrays -> (ids, weights), as above
 # The ragged layout: a position's entries follow the previous one's, and
@@ -518,7 +518,7 @@ def setup_train(cfg, env, ckpt):
                   data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
     it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg)
-    # a fixed val subset spread over the split, the same for every run
+    # a fixed val subset spread over the split (for a given B, eval_iters)
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))
     val_seqs = np.unique(spread.round().astype(int)).tolist()
 

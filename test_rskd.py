@@ -1694,13 +1694,14 @@ def test_resume_past_max_iters_says_so(tmp_path, data, caches, capsys):
 
 
 def test_damaged_metrics_are_refused_where_read(tmp_path, data, caches, capsys, monkeypatch):
+    import bench
     run(*train_args(data, caches, tmp_path / 'out', '--max_iters', 4))
     path = tmp_path / 'out' / 'metrics.jsonl'
-    assert [r['iter'] for r in guardrails.read_metrics(path)] == [0, 4]
+    assert [r['iter'] for r in bench.read_metrics(path)] == [0, 4]
     text = path.read_text().replace('"iter": 4', '"iter": 5')
     path.write_text(text)
     with pytest.raises(SystemExit):
-        guardrails.read_metrics(path)
+        bench.read_metrics(path)
     assert 'metrics.jsonl line 2 does not match its checksum' in capsys.readouterr().err
 
 
@@ -1797,7 +1798,7 @@ def test_gpu_choices_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
     monkeypatch.setattr(torch.cuda, 'set_device', current.append)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: f'fake {device}')
-    # (setup switches TF32 on: the isolated fixture puts the flags back by value)
+    # (the isolated fixture puts any backend flags a test changes back by value)
     env = guardrails.setup(rskd.Config(device='cuda:1', dtype='float32', compile='false'))
     assert current == ['cuda:1'] and env.name == 'fake cuda:1' and env.type == 'cuda'
     for name, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('LOCAL_WORLD_SIZE', '3'), ('WORLD_SIZE', '3')):
