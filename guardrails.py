@@ -1062,8 +1062,8 @@ def entry_point():
                 print(f"interrupted ({signal.Signals(sig).name}): " + (*said, "work is kept up "
                       "to the last save: rerun the same command to go on")[0], file=sys.stderr)
             sys.exit(128 + sig)
-        if isinstance(e, FloatingPointError):  # numbers a run cannot go on from
-            die(str(e))
+        if isinstance(e, (FloatingPointError, ModuleNotFoundError)):  # (bad numbers; no module)
+            die(f"{e.name} is missing: pip install {e.name}" if isinstance(e, ImportError) else str(e))
         if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or 'allocate memory' in str(e):
             die(f"out of memory ({first_line(e)[:80]}): use a smaller --batch_size or model")
         if not isinstance(e, OSError):

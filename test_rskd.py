@@ -2091,6 +2091,9 @@ def test_export_to_hugging_face(tmp_path, capsys):
     assert tokenizer(text)['input_ids'] == tiktoken.get_encoding('gpt2').encode(text, allowed_special='all')
     out = transformers.pipeline('text-generation', model=f'{d}/hf')('Hello', max_new_tokens=5, do_sample=False)
     assert out[0]['generated_text'].startswith('Hello')
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(sys.modules, 'transformers', None)  # import transformers now fails
+        assert 'transformers is missing: pip install transformers' in fail(capsys, '--mode', 'export', '--out_dir', d)
     assert 'ckpt.pt not found' in fail(capsys, '--mode', 'export', '--out_dir', tmp_path / 'nothing')
     assert not os.path.exists(tmp_path / 'nothing')
 
