@@ -141,8 +141,8 @@ def rs_target(probs, cfg, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
     # replacement, and store each distinct id once with its count c_i.
     # t^s_i = c_i / N is UNBIASED, E[c_i] = N t_i, so the student's
-    # gradient p - t^s is full KD's p - t in expectation. The paper's
-    # N = 50 leaves ~12 distinct ids per position.
+    # gradient p - t^s is full KD's p - t in expectation. N = 50 keeps
+    # ~12 distinct ids (the paper's 3B teacher), ~23 (our flatter one).
     draws = sample_draws(probs, cfg.rounds, gens, cfg.sampler)
     lengths, ids, counts = run_lengths(draws)  # (B, T, N) in
     return dict(lengths=lengths, ids=ids, counts=counts)
@@ -316,9 +316,9 @@ def seq_generators(seed, seqs, device):
 
 def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # `rounds` draws with replacement from each row of probs (B, T, V),
-    # sorted; rows need not sum to 1. A point u in (0, 1] picks the token
-    # i whose CDF interval (cdf[i-1], cdf[i]] holds u * sum(p): token i
-    # with probability p_i / sum(p). multinomial: N uniform points.
+    # sorted; rows need not sum to 1. A point x in (0, 1] picks the token
+    # i whose CDF interval (cdf[i-1], cdf[i]] holds x * sum(p): token i
+    # with probability p_i / sum(p). multinomial: N points 1 - u, u uniform
     # systematic: ONE uniform u per row and the points (j - u) / N,
     # j = 1..N: E[c_i] = N p_i still, but each c_i is floor or ceil of N p_i
     B, T, V = probs.shape
@@ -391,7 +391,7 @@ def run_cache(cfg, env, loaded=None):
         teacher = torch.compile(teacher)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json records what the cache holds, what made it and how far it
-    # got. .start: where a rerun resumes; None: it is complete already
+    # got. None: the cache is complete; else a writer, .start its resume
     cache = write_cache(cfg, env, FORMATS, S, V, about, data)
     if cache is None:
         return None
@@ -573,7 +573,7 @@ def run_train(cfg, env, ckpt=None):
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            if due and not (ckpt and it == start):  # (done before saving)
+            if due and not (ckpt and it == start):  # (a resume's was saved)
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 # a NaN model is never saved
                 check_finite(it, ckpt_path, m['val_loss'])

@@ -453,6 +453,12 @@ def test_the_readme_reads_a_cache_with_numpy_alone(caches):
     assert scope['target'] == {i: dense[i] for i in np.flatnonzero(dense)}
 
 
+def test_the_readme_quick_start_ends_with_sample_py():
+    readme = open(os.path.join(HERE, 'README.md')).read()
+    block = readme.split('## Quick start')[1].split('```')[1]
+    assert block.strip().splitlines()[-1].startswith('python sample.py')
+
+
 def test_cache_files_follow_the_format(caches, data):
     d = caches['rs']
     meta = json.load(open(os.path.join(d, 'meta.json')))
