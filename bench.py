@@ -92,8 +92,7 @@ def fidelity_student(cfg, env, ckpt, V):
     """The student whose gradients are compared: the trained one in OUT_DIR/ckpt.pt, else a new one."""
     torch.manual_seed(rskd.stream_seed(cfg.seed, rskd.INIT))
     if ckpt:
-        student = GPT(GPTConfig(**ckpt['model_config']))
-        student.load_state_dict(ckpt['model'])
+        student = GPT.from_checkpoint(ckpt)
     else:
         shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         student = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=V, **shape))

@@ -493,9 +493,7 @@ def load_gpt(name, vocab_size, block_size):
     if (shape['block_size'] or 0) < block_size:
         die(f"{name} has block_size {shape['block_size']}, shorter than --block_size {block_size}")
     try:
-        model = GPT.from_pretrained(name) if ckpt is None else GPT(GPTConfig(**shape))
-        if ckpt:
-            model.load_state_dict(ckpt['model'])
+        model = GPT.from_pretrained(name) if ckpt is None else GPT.from_checkpoint(ckpt)
     except Exception as e:  # no network, no weights, damaged ones, not a GPT
         die(f"could not load the weights of {name}: {first_line(e)}")
     if not all(bool(p.isfinite().all()) for p in model.parameters()):

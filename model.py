@@ -149,6 +149,13 @@ class GPT(nn.Module):
         return self.eval().requires_grad_(False)
 
     @classmethod
+    def from_checkpoint(cls, ckpt):
+        """The model a loaded checkpoint of ours holds (guardrails.load_checkpoint checks it)."""
+        model = cls(GPTConfig(**ckpt['model_config']))
+        model.load_state_dict(ckpt['model'])
+        return model
+
+    @classmethod
     def from_pretrained(cls, name_or_dir):
         """GPT-2 weights from Hugging Face (gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local directory)."""
         import transformers  # only this path needs transformers
@@ -222,8 +229,7 @@ def export_hf(ckpt, out_dir):
     import shutil
     import transformers
     transformers.logging.disable_progress_bar()
-    model = GPT(GPTConfig(**ckpt['model_config']))
-    model.load_state_dict(ckpt['model'])
+    model = GPT.from_checkpoint(ckpt)
     tmp = out_dir + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

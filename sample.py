@@ -11,12 +11,12 @@ same text on CPU.
 import argparse
 import os
 import sys
-from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 
-from guardrails import die, entry_point, load_checkpoint, resolve_dtype
-from model import GPT, GPTConfig
+from guardrails import die, entry_point, load_checkpoint, setup
+from model import GPT
 
 
 def main(argv=None):
@@ -44,27 +44,20 @@ def main(argv=None):
         if not start:
             die("the prompt is empty: pass some text with --start (or a file that holds some)")
         ckpt = load_checkpoint(os.path.join(args.out_dir, 'ckpt.pt'))  # checked against its crc32
-        device = args.device
-        if device == 'auto':
-            device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        elif device.startswith('cuda') and not torch.cuda.is_available():
-            die(f"--device {device}, but this PyTorch sees no CUDA GPU: use --device cpu")
-        model = GPT(GPTConfig(**ckpt['model_config']))
-        model.load_state_dict(ckpt['model'])
-        model.eval().to(device)
+        if args.device.startswith('cuda') and not torch.cuda.is_available():
+            die(f"--device {args.device}, but this PyTorch sees no CUDA GPU: use --device cpu")
+        env = setup(SimpleNamespace(device=args.device, dtype=args.dtype, compile='false'))
+        model = GPT.from_checkpoint(ckpt).eval().to(env.device)
         import tiktoken  # GPT-2's BPE, as prepare_data.py tokenizes
         enc = tiktoken.get_encoding('gpt2')
         ids = enc.encode(start, allowed_special={'<|endoftext|>'})
         V = model.config.vocab_size
         if max(ids) >= V:
             die(f"the prompt has tokens outside this model's vocabulary of {V}")
-        dtype = resolve_dtype(args.dtype, device)
-        ctx = nullcontext() if dtype == 'float32' else torch.autocast(
-            device.split(':')[0], dtype=getattr(torch, dtype))
         # the prompt, cropped to the model's block_size by generate, once per sample
-        idx = torch.tensor([ids] * args.num_samples, device=device)
-        gen = torch.Generator(device).manual_seed(args.seed)
-        with ctx:
+        idx = torch.tensor([ids] * args.num_samples, device=env.device)
+        gen = torch.Generator(env.device).manual_seed(args.seed)
+        with env.ctx:
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, gen)
         for row in out.tolist():
             print(enc.decode(row))
