@@ -4,11 +4,13 @@ and the tables of RESULTS.md.
 
   python bench.py [rskd.py options]   # writes OUT_DIR/bench.json
   python bench.py rounds [options]    # distinct ids per position for N = 1..255, fidelity at a few N
+  python bench.py storage [options]   # compressed against plain caches at N = 12, 50, 150: size, speed
   python bench.py tables              # RESULTS.md's tables, from the runs' metrics.jsonl (in this folder)
   python bench.py plots               # RESULTS.md's pictures, the same runs' (matplotlib: plots/*.png)
 
 Every entry of rskd.FORMATS is benched: its caching speed, its reading cost, its training step and
-its gradient against full KD's, so that a new format is measured with no edit here. Every method is
+its gradient against full KD's, so that a new format is measured with no edit here, and each format
+is cached and read both compressed (the default) and plain ("rs plain": --compress false). Every method is
 timed on the same batch, interleaved and rotated (A B C D E, B C D E A, ...), so slow drift of the
 machine cancels out of the ratios. Each caching run comes right after a bare teacher forward over the
 same batches, and the ratio is taken pair by pair.
@@ -30,17 +32,24 @@ import numpy as np
 import torch
 
 import rskd
-from guardrails import (die, entry_point, folder_lock, load_checkpoint, load_teacher, output_folder, parse_args,
-                        checked_json, read_json, recorded_options, resolve_config, setup, write_json)
+from guardrails import (cache_files, checked_json, die, entry_point, folder_lock, load_checkpoint, load_teacher,
+                        output_folder, parse_args, read_cache_meta, read_json, recorded_options, resolve_config,
+                        setup, write_json)
 from model import GPT, GPTConfig
 
 TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass
 
 
 def step_methods():
-    """What bench_steps times: cross-entropy, every cache format (with the loss it trains), Top-K's
-    remedies on the topk cache, and full KD."""
-    return ['ce', *rskd.FORMATS, *(TAILS if 'topk' in rskd.FORMATS else ()), 'fullkd']
+    """What bench_steps times: cross-entropy, every cache format (with the loss it trains) read from its
+    compressed and its plain cache, Top-K's remedies on the topk cache, and full KD."""
+    return ['ce', *storages(), *(TAILS if 'topk' in rskd.FORMATS else ()), 'fullkd']
+
+
+def storages(methods=None):
+    """{'rs': ('rs', True), 'rs plain': ('rs', False), ...}: each format's caches, compressed or not."""
+    return {name: (m, compress) for m in methods or rskd.FORMATS
+            for name, compress in ((m, True), (f'{m} plain', False))}
 
 
 def run_bench(cfg, env):
@@ -99,9 +108,9 @@ def fidelity_student(cfg, env, ckpt, V):
     return student.to(env.device)
 
 
-def bench_caching(cfg, env, loaded, tokens, n):
-    """--mode cache for every format against the bare teacher forward over the same n sequences, 5
-    pairs per format."""
+def bench_caching(cfg, env, loaded, tokens, n, methods=None):
+    """--mode cache for every format, compressed and plain, against the bare teacher forward over the
+    same n sequences, 5 pairs each; the sizes, and compressed against plain."""
     T, B = cfg.block_size, cfg.batch_size
     teacher = torch.compile(loaded[0]) if env.compile else loaded[0]  # as --mode cache runs it
     batches = [rskd.get_batch(tokens, range(i, min(i + B, n)), T, env)[0] for i in range(0, n, B)]
@@ -116,19 +125,32 @@ def bench_caching(cfg, env, loaded, tokens, n):
             torch.cuda.synchronize()
         return n * T / (time.time() - t0)
     bare_forward()  # warm-up
-    dirs = {m: os.path.join(cfg.out_dir, f'bench-cache-{m}') for m in rskd.FORMATS}
+    variants = storages(methods)
+    dirs = {name: os.path.join(cfg.out_dir, f"bench-cache-{name.replace(' ', '-')}") for name in variants}
     runs = dict(fwd=[], **{m: [] for m in dirs})  # tok/s of every run
     for _ in range(5):  # each cache run right after a bare forward: the pair's ratio cancels drift
-        for method, d in dirs.items():
+        for name, d in dirs.items():
             runs['fwd'].append(bare_forward())
             shutil.rmtree(d, ignore_errors=True)
-            run_cfg = replace(cfg, method=method, cache_dir=d, max_seqs=n, split='train', commit_seconds=5.0)
+            method, compress = variants[name]
+            run_cfg = replace(cfg, method=method, compress=compress, cache_dir=d, max_seqs=n, split='train',
+                              commit_seconds=5.0)
             with quiet():  # (the run's own progress lines)
-                runs[method].append(rskd.run_cache(run_cfg, env, loaded))
+                runs[name].append(rskd.run_cache(run_cfg, env, loaded))
     speed = {k: float(np.median(v)) for k, v in runs.items()}
-    ratio = {m: float(np.median(np.divide(runs[m], runs['fwd'][i::len(dirs)]))) for i, m in enumerate(dirs)}
+    per_fwd = {m: np.divide(runs[m], runs['fwd'][i::len(dirs)]) for i, m in enumerate(dirs)}
+    sizes = {}  # bytes per stored entry (E in meta.json) and per position: all files, and those that grow
+    for name, d in dirs.items():  # with the cache (not the compressed one's vocab_order, 2 bytes per token)
+        meta = read_cache_meta(d, rskd.FORMATS)
+        size = {f: os.path.getsize(os.path.join(d, f'{f}.bin')) for f in cache_files(meta, rskd.FORMATS)}
+        grows = sum(size[f] for f, (_, per) in cache_files(meta, rskd.FORMATS).items() if per != 'vocab')
+        sizes[name] = dict(per_entry=sum(size.values()) / meta['entries'], per_entry_growing=grows / meta['entries'],
+                           per_position=grows / (n * cfg.block_size))
     result = dict(teacher_fwd_tok_s=speed['fwd'], cache_tok_s={m: speed[m] for m in dirs},
-                  cache_ratio_vs_fwd=ratio, cache_runs_tok_s=runs)
+                  cache_ratio_vs_fwd={m: float(np.median(r)) for m, r in per_fwd.items()},
+                  cache_runs_tok_s=runs, cache_bytes=sizes,
+                  compressed_cache_speed_vs_plain={m: float(np.median(per_fwd[m] / per_fwd[f'{m} plain']))
+                                                   for m, (_, compress) in variants.items() if compress})
     return dict(dirs=dirs, result=result)
 
 
@@ -227,9 +249,9 @@ def bench_precision(teacher, idx, env):
     return out
 
 
-def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs):
+def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs, methods=None):
     """One training step per method on the same batch, the methods interleaved and rotated: CE, each
-    cache format with the loss it trains, Top-K's remedies and full KD."""
+    cache format (compressed and plain) with the loss it trains, Top-K's remedies and full KD."""
     B, T = idx.shape
     model = torch.compile(student) if env.compile else student
     teacher_c = torch.compile(teacher) if env.compile else teacher
@@ -237,16 +259,18 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
     vanilla = replace(cfg, topk_tail='none', alpha=0.0, max_seqs=n)
     V = student.config.vocab_size
 
-    def reader(method, checked=True):
-        run_cfg = replace(vanilla, cache_dir=dirs[method])
-        loss = rskd.FORMATS[method]['loss']
+    variants = {name: m for name, (m, _) in storages().items() if name in dirs}
+
+    def reader(name, checked=True):
+        run_cfg = replace(vanilla, cache_dir=dirs[name])
+        loss = rskd.FORMATS[variants[name]]['loss']
         return rskd.open_cache(run_cfg, loss, tokens[:n * T + 1], V, env, checked)[1]
-    readers = {m: reader(m) for m in rskd.FORMATS}
-    objectives = {m: rskd.FORMATS[m]['loss'] for m in rskd.FORMATS}
+    readers = {name: reader(name) for name in variants}
+    objectives = {name: rskd.FORMATS[m]['loss'] for name, m in variants.items()}
     for tail in TAILS if 'topk' in readers else ():
         readers[tail], objectives[tail] = readers['topk'], tail
     objectives.update(ce='ce', fullkd='fullkd')
-    methods = step_methods()
+    methods = methods or step_methods()
     times, mem = {k: [] for k in methods}, {k: 0 for k in methods}
     for rep in range(2 + 2 * len(methods)):  # every rotation is timed twice, after 2 warm-ups
         for name in methods[rep % len(methods):] + methods[:rep % len(methods)]:
@@ -271,7 +295,7 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
                 mem[name] = max(mem[name], peak_memory(env) - base)
     step_ms = {k: 1000 * float(np.median(v)) for k, v in times.items()}
     host_ms = {}  # what training's fetch does per micro-batch: the tokens, the cache rows, their checks
-    for method in rskd.FORMATS:
+    for method in [m for m in variants if m in methods]:
         samples = []
         for _ in range(10):
             t0 = time.time()
@@ -281,7 +305,7 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
         host_ms[method] = 1000 * float(np.median(samples))
     # what reading a batch's rows costs, with and without their checks (checksums, values), interleaved
     read_ms = {}
-    for method in rskd.FORMATS:
+    for method in [m for m in variants if m in methods]:
         plain = reader(method, checked=False)
         samples = dict(checked=[], unchecked=[])
         for _ in range(20):
@@ -291,10 +315,15 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs)
                 samples[kind].append(time.time() - t0)
         read_ms[method] = {k: 1000 * float(np.median(v)) for k, v in samples.items()}
     check_share = {m: (r['checked'] - r['unchecked']) / step_ms[m] for m, r in read_ms.items()}
+    vs_plain = {m: step_ms[m] / step_ms[f'{m} plain'] for m in step_ms if f'{m} plain' in step_ms}
+    # what decoding adds, more precisely than the steps' ratio: the reads' difference, over a step
+    decode_share = {m: (read_ms[m]['checked'] - read_ms[f'{m} plain']['checked']) / step_ms[f'{m} plain']
+                    for m in vs_plain}
     kind = 'growth of CUDA max allocated during the step' if env.type == 'cuda' else 'RSS peak growth during the step'
     return dict(step_ms=step_ms, step_ratio_vs_ce={k: v / step_ms['ce'] for k, v in step_ms.items()},
                 tok_s={k: B * T / v * 1000 for k, v in step_ms.items()}, peak_mem_bytes=mem,
-                peak_mem_kind=kind, read_ms=read_ms, check_cost_share_of_step=check_share, host_batch_ms=host_ms)
+                peak_mem_kind=kind, read_ms=read_ms, check_cost_share_of_step=check_share, host_batch_ms=host_ms,
+                compressed_step_vs_plain=vs_plain, compressed_read_share_of_step=decode_share)
 
 
 class RandomTeacher(torch.nn.Module):
@@ -336,9 +365,9 @@ def bench_pipeline(cfg, env, tokens, V, B=16, T=1024):
 def report(res, cfg):
     B, T = cfg.batch_size, cfg.block_size
     print(f"\nbench on {res['device']} ({res['dtype']}{', compiled' if res['compile'] else ''}), batch {B}x{T}")
-    print(f"{'method':8} {'step ms':>9} {'vs ce':>6} {'tok/s':>8} {'peak MB':>8}   ({res['peak_mem_kind']})")
+    print(f"{'method':10} {'step ms':>9} {'vs ce':>6} {'tok/s':>8} {'peak MB':>8}   ({res['peak_mem_kind']})")
     for k in res['step_ms']:
-        print(f"{k:8} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
+        print(f"{k:10} {res['step_ms'][k]:9.1f} {res['step_ratio_vs_ce'][k]:6.3f} {res['tok_s'][k]:8,.0f} "
               f"{res['peak_mem_bytes'][k] / 2**20:8.0f}")
     for m, ms in res['host_batch_ms'].items():
         big = res['pipeline_host_ms'].get(m)  # (None when the data holds fewer than 16 x 1024 tokens)
@@ -355,6 +384,7 @@ def report(res, cfg):
     print(f"teacher forward {res['teacher_fwd_tok_s']:,.0f} tok/s; cache " +
           ', '.join(f"{m} {speed[m]:,.0f} tok/s ({ratio[m]:.2f}x)" for m in speed) +
           "; x: the median of 5 cache runs / the forward run before each")
+    report_storage(res)
     print(f"gradient vs full KD (student: {res['fidelity_student']})\n{'':16} {'unique':>6}  "
           f"{'logits: angle':>13} {'norm':>5}  {'weights: angle':>14} {'norm':>5}")
     for k in res['grad_angle_deg_logits']:
@@ -362,6 +392,51 @@ def report(res, cfg):
                  for w in ('logits', 'weights')]
         print(f"{k:16} {res['unique_per_position'].get(k, float('nan')):6.1f}  " + '  '.join(cells))
     print(f"wrote {os.path.join(cfg.out_dir, 'bench.json')}")
+
+
+def report_storage(res):
+    for m, speed in res['compressed_cache_speed_vs_plain'].items():
+        size, plain = res['cache_bytes'][m], res['cache_bytes'][f'{m} plain']
+        print(f"{m} cache compressed: {size['per_entry_growing']:.2f} bytes/entry ({size['per_position']:.1f}/position; "
+              f"{size['per_entry']:.2f} with vocab_order), plain {plain['per_entry']:.2f}; caching at {speed:.3f}x plain's speed, a training step "
+              f"{res['compressed_step_vs_plain'][m]:.3f}x plain's (decoding: {100 * res['compressed_read_share_of_step'][m]:.2f}% of a step)")
+
+
+def run_storage(cfg, env, sweep=(12, 50, 150)):
+    """Compressed against plain caches, each ragged format at N = sweep rounds, side by side: bytes per
+    entry, caching speed and a training step. Writes OUT_DIR/storage.json."""
+    tokens, S, V = rskd.load_split(cfg, 'train', env)
+    T, B = cfg.block_size, cfg.batch_size
+    loaded = load_teacher(cfg.teacher, V, T, env)
+    student = fidelity_student(cfg, env, None, V)
+    n, seqs = min(S, 4 * B), list(range(B))
+    idx, targets = rskd.get_batch(tokens, seqs, T, env)
+    methods = [m for m, f in rskd.FORMATS.items() if f['ragged']]
+    rows = []
+    for N in sweep:
+        run_cfg = replace(cfg, rounds=N)
+        caching = measured(f'caching at N = {N}', bench_caching, run_cfg, env, loaded, tokens, n, methods)
+        steps = measured(f'steps at N = {N}', bench_steps, run_cfg, env, loaded[0], student, tokens, n, idx,
+                         targets, seqs, caching['dirs'], ['ce', *storages(methods)])
+        res = dict(**caching['result'], **steps)
+        report_storage(res)
+        for m in methods:
+            rows.append(dict(method=m, rounds=N, bytes_per_entry=res['cache_bytes'][m]['per_entry_growing'],
+                             plain_bytes_per_entry=res['cache_bytes'][f'{m} plain']['per_entry'],
+                             bytes_per_position=res['cache_bytes'][m]['per_position'],
+                             cache_tok_s=res['cache_tok_s'][m], plain_cache_tok_s=res['cache_tok_s'][f'{m} plain'],
+                             cache_speed_vs_plain=res['compressed_cache_speed_vs_plain'][m],
+                             step_vs_plain=res['compressed_step_vs_plain'][m],
+                             decode_share_of_step=res['compressed_read_share_of_step'][m]))
+    write_json(dict(device=env.name, batch=f'{B}x{T}', sequences=n, rows=rows), os.path.join(cfg.out_dir, 'storage.json'))
+    print(f"\n| method | N | bytes/entry (plain) | bytes/position | cache tok/s (plain) | caching vs plain | step vs plain "
+          f"| decoding, % of a step |")
+    print('|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(f"| {r['method']} | {r['rounds']} | {r['bytes_per_entry']:.2f} ({r['plain_bytes_per_entry']:.2f}) | "
+              f"{r['bytes_per_position']:.1f} | {r['cache_tok_s']:,.0f} ({r['plain_cache_tok_s']:,.0f}) | "
+              f"{r['cache_speed_vs_plain']:.3f}x | {r['step_vs_plain']:.3f}x | {100 * r['decode_share_of_step']:.2f} |")
+    print(f"wrote {os.path.join(cfg.out_dir, 'storage.json')}")
 
 
 def run_rounds(cfg, env, sweep=(5, 12, 50, 150), n_seqs=64):
@@ -552,13 +627,13 @@ def main(argv=None):
             return print_tables()
         if argv[:1] == ['plots']:
             return plot()
-        rounds = argv[:1] == ['rounds']
-        args = parse_args(rskd.Config, argv[rounds:], rskd.TEACHER, __doc__)
+        sub = argv[0] if argv[:1] in (['rounds'], ['storage']) else None
+        args = parse_args(rskd.Config, argv[bool(sub):], rskd.TEACHER, __doc__)
         cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
                                 rskd.OBJECTIVES)
         env = setup(cfg)
         with folder_lock(output_folder(cfg, env)):
-            (run_rounds if rounds else run_bench)(cfg, env)
+            dict(rounds=run_rounds, storage=run_storage).get(sub, run_bench)(cfg, env)
 
 
 if __name__ == '__main__':

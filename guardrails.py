@@ -115,7 +115,7 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
 def cache_decides(cfg, args, formats):
     """Options that shape a cache: another method's are refused in cache
     mode; in training the cache's are taken (and printed), others refused."""
-    options = {'method', 'split'}.union(*(f['meta'] for f in formats.values()))
+    options = {'method', 'split', 'compress'}.union(*(f['meta'] for f in formats.values()))
     given = sorted(options & set(args))
     cached = cfg.mode == 'train' and cfg.loss in {f['loss'] for f in formats.values()}
     for k in given if cfg.mode == 'cache' else []:  # it would do nothing
@@ -129,7 +129,7 @@ def cache_decides(cfg, args, formats):
     if not cached or not os.path.isfile(os.path.join(cfg.cache_dir, 'meta.json')):
         return cfg  # (a missing cache is named once the data is checked)
     meta = read_cache_meta(cfg.cache_dir, formats)
-    taken = {k: meta[k] for k in ('method', 'split', *formats[meta['method']]['meta'])}
+    taken = {k: meta[k] for k in ('method', 'split', 'compress', *formats[meta['method']]['meta'])}
     for k in given:
         if taken.get(k) != args[k]:
             die(f"--{k} {args[k]}: training takes its targets' options from the cache, "
@@ -536,12 +536,12 @@ def find_teacher(cfg, required, cache_meta, vocab_size, env):
 CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_size=int,
                   num_seqs=int, seed=int, split=str, teacher=dict(name=str, sha256=str),
                   data=dict(path=str, n_tokens=int, sha256=str), ids_dtype=str, dtype=str,
-                  device=str, device_name=str, batch_size=int, torch=str, complete=bool,
-                  seqs_done=int, entries=int)
+                  device=str, device_name=str, batch_size=int, torch=str, compress=bool,
+                  complete=bool, seqs_done=int, entries=int, block_bytes=int)
 # recorded, not compared on resume: on CUDA the draws depend on the GPU,
 # batch size and torch, so such a resume is exact but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
-PROGRESS = ('complete', 'seqs_done', 'entries')
+PROGRESS = ('complete', 'seqs_done', 'entries', 'block_bytes')
 FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
 
 # The value checks FORMATS entries list: (a batch's values of a file, where
@@ -606,7 +606,7 @@ def check_format(method, formats, config_cls=None, objectives=None):
             require(False, f": file '{name}' has dtype {dtype!r}, which numpy does not know")
         require(per in ('position', 'entry') or fmt['meta'].get(per) is int,
                 f": file '{name}' has per={per!r}: use 'position', 'entry' or an int option")
-        require(name not in ('seq_offsets', 'checksums', 'meta'),
+        require(name not in ('seq_offsets', 'checksums', 'meta', 'blocks', 'vocab_order'),
                 f": '{name}' is a file of every cache: give yours another name")
     ragged = fmt['ragged']
     require(ragged is None or fmt['files'].get(ragged, (0, 0))[1:2] == ('position',),
@@ -625,12 +625,18 @@ def recorded_options(cfg, fmt):
     common = ('seed', 'block_size', 'split')  # (every cache records these)
     return RecordedOptions(**{name: getattr(cfg, name) for name in (*common, *fmt['meta'])})
 
-def cache_files(meta, formats):
-    """name -> (dtype, per) of a cache's files, in checksum order."""
+def format_files(meta, formats):
+    """name -> (dtype, per) of the files a cache's FORMATS entry names."""
     fmt = check_format(meta['method'], formats)
-    files = {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, per)
-             for name, (dtype, per, _) in fmt['files'].items()}
-    if fmt['ragged']:
+    return {name: (meta['ids_dtype'] if dtype == 'ids' else dtype, per)
+            for name, (dtype, per, _) in fmt['files'].items()}
+
+def cache_files(meta, formats):
+    """name -> (dtype, per) of a cache's files on disk, in checksum order."""
+    files = format_files(meta, formats)
+    if meta['compress']:  # the format's files live inside the blocks
+        files = dict(vocab_order=(meta['ids_dtype'], 'vocab'), blocks=('uint8', 'byte'))
+    if meta['compress'] or formats[meta['method']]['ragged']:
         files['seq_offsets'] = ('uint64', 'sequence')
     files['checksums'] = ('uint32', 'crc')
     return files
@@ -642,16 +648,18 @@ def width(meta, per):
 def file_sizes(meta, formats):
     """Each file's dtype and element count at meta['seqs_done']."""
     P, S = meta['seqs_done'] * meta['block_size'], meta['seqs_done']
-    count = dict(entry=meta['entries'], sequence=S + 1, crc=S)
+    count = dict(entry=meta['entries'], byte=meta['block_bytes'], vocab=meta['vocab_size'],
+                 sequence=S + 1, crc=S)
     return {name: (dtype, count[per] if per in count else P * width(meta, per))
             for name, (dtype, per) in cache_files(meta, formats).items()}
 
 def spans(offsets, first, meta, per, seqs):
     """Each sequence's (lo, hi) elements in a file (None: damaged)."""
     T = meta['block_size']
-    if per == 'entry':  # between seq_offsets[s] and [s + 1]
+    if per in ('entry', 'byte'):  # between seq_offsets[s] and [s + 1]
         out = [(int(offsets[s - first]), int(offsets[s + 1 - first])) for s in seqs]
-        if any(not 0 <= hi - lo <= T * 255 for lo, hi in out):
+        most = T * 255 if per == 'entry' else math.inf
+        if any(not 0 <= hi - lo <= most for lo, hi in out):
             return None  # damaged offsets: read nothing (the checksums say so)
         return out
     if per == 'sequence':  # the sequence's own start and end
@@ -662,11 +670,13 @@ def spans(offsets, first, meta, per, seqs):
 def sequence_crcs(arrays, units, meta, seqs, base):
     """Each sequence's crc32; arrays[name]: the file from base[name] on."""
     offsets, first = arrays.get('seq_offsets'), base.get('seq_offsets', 0)
-    crcs = []
+    crcs, shared = [], 0  # (a whole file that every sequence needs: vocab_order)
+    for name in [name for name, (_, per) in units.items() if per == 'vocab']:
+        shared = zlib.crc32(np.ascontiguousarray(arrays[name]), shared)
     for s in seqs:
-        crc = 0
+        crc = shared
         for name, (_, per) in units.items():
-            where = per != 'crc' and spans(offsets, first, meta, per, [s])
+            where = per not in ('crc', 'vocab') and spans(offsets, first, meta, per, [s])
             if where is None:
                 crc = -1
                 break
@@ -696,6 +706,98 @@ def to_ranges(seqs):  # sorted sequence numbers -> [(first, last), ...] of their
     runs = itertools.groupby(enumerate(seqs), lambda pair: pair[1] - pair[0])
     return [(run[0][1], run[-1][1]) for run in (list(r) for _, r in runs)]
 
+# ---- compressed caches (--compress true, the default) ----
+# Each sequence is one block that decodes alone: blocks.bin holds them back to back,
+# seq_offsets.bin the byte where each starts, checksums.bin their crc32s (checked before a
+# block is decompressed), vocab_order.bin the token ids, the data's most frequent first. In
+# a block, ids are stored as their rank in vocab_order. Where the first ragged ids file
+# ascends within each position (rs, is), a position's entries are stored in rank order
+# instead, each rank as its step from the one before. Each file's values are then split into
+# byte planes (low bytes first), each deflated (zlib, raw, Z_RLE). A block: a flag byte (1:
+# rank order), one uint32 size per plane, the planes, file after file in FORMATS order.
+
+def vocab_order(tokens, V, dtype):
+    """The token ids by their count in the first 16M tokens, most first
+    (a cache stores it: a tokenizer's own order would do, less well)."""
+    counts = np.bincount(tokens[:1 << 24], minlength=V)[:V]
+    return np.argsort(-counts, kind='stable').astype(dtype)
+
+def ragged_layout(fmt, lengths):
+    """(each entry's position, the format's first ids file of entries or None)."""
+    key = next((n for n, (dt, per, _) in fmt['files'].items() if dt == 'ids' and per == 'entry'), None)
+    return np.repeat(np.arange(len(lengths)), lengths.astype(np.int64)), key
+
+def sort_within(pos, key):
+    """The permutation that sorts each position's entries by key (>= 0)."""
+    return np.argsort(pos * (int(key.max(initial=0)) + 1) + key)  # (keys unique)
+
+def encode_blocks(arrays, meta, formats, order, n):
+    """A batch's values (file -> n sequences' values, in turn) -> n blocks."""
+    fmt, files, T = formats[meta['method']], format_files(meta, formats), meta['block_size']
+    rank = np.argsort(order).astype(order.dtype)  # id -> rank
+    a = {name: rank[v] if fmt['files'][name][0] == 'ids' else v for name, v in arrays.items()}
+    entry, flags = [name for name, (_, per) in files.items() if per == 'entry'], np.zeros(n, np.uint8)
+    pos, key = ragged_layout(fmt, arrays[fmt['ragged']]) if entry else (None, None)
+    if key:  # sequences whose positions ascend go in rank order, ranks as steps
+        ids, seq = arrays[key].astype(np.int64), pos // T
+        flags[:] = 1
+        flags[seq[1:][(np.diff(ids) <= 0) & (pos[1:] == pos[:-1])]] = 0
+        ranked = flags[seq].astype(bool)
+        r = a[key].astype(np.int64)
+        perm = sort_within(pos, np.where(ranked, r, np.arange(len(r))))
+        a.update({name: a[name][perm] for name in entry})
+        r = a[key].astype(np.int64)
+        step = np.diff(r, prepend=0)
+        first = np.flatnonzero(np.diff(pos, prepend=-1))  # each position's first entry
+        step[first] = r[first]
+        a[key] = np.where(ranked, step, r).astype(a[key].dtype)
+    bounds = np.searchsorted(pos // T, np.arange(n + 1)) if entry else None
+    blocks = []
+    for s in range(n):
+        planes = []
+        for name, (dt, per) in files.items():
+            size = T * width(meta, per) if per != 'entry' else 0
+            lo, hi = (s * size, s * size + size) if size else bounds[s:s + 2]
+            le = np.dtype(dt).newbyteorder('<')  # (the planes are little-endian's bytes)
+            for plane in a[name][lo:hi].astype(le).view(np.uint8).reshape(-1, le.itemsize).T:
+                z = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
+                planes.append(z.compress(plane.tobytes()) + z.flush())
+        sizes = np.array([len(p) for p in planes], '<u4')
+        blocks.append(bytes([flags[s]]) + sizes.tobytes() + b''.join(planes))
+    return blocks
+
+def decode_blocks(blocks, meta, formats, order):
+    """Blocks (checked) -> the format's files' values, as encode_blocks got them."""
+    fmt, files = formats[meta['method']], format_files(meta, formats)
+    n_planes = sum(np.dtype(dt).itemsize for dt, _ in files.values())
+    parts, flags = {name: [] for name in files}, []
+    for b in blocks:
+        sizes, at = np.frombuffer(b, '<u4', n_planes, 1), 1 + 4 * n_planes
+        planes = []
+        for size in sizes.tolist():
+            planes.append(np.frombuffer(zlib.decompress(b[at:at + size], -15), np.uint8))
+            at += size
+        for name, (dt, _) in files.items():
+            k, dt = np.dtype(dt).itemsize, np.dtype(dt).newbyteorder('<')
+            parts[name].append(np.stack(planes[:k], 1).view(dt).reshape(-1))
+            planes = planes[k:]
+        flags.append(b[0])
+    a = {name: np.concatenate(p).astype(files[name][0]) for name, p in parts.items()}
+    entry = [name for name, (_, per) in files.items() if per == 'entry']
+    pos, key = ragged_layout(fmt, a[fmt['ragged']]) if entry else (None, None)
+    if key:  # undo the steps, then restore the ascending ids within each position
+        ranked = np.repeat(np.array(flags, bool), [len(p) for p in parts[key]])
+        step = a[key].astype(np.int64)
+        total = np.cumsum(step)
+        first = np.flatnonzero(np.diff(pos, prepend=-1))
+        within = total - np.repeat(total[first] - step[first], np.diff(first, append=len(pos)))
+        a[key] = order[np.where(ranked, within, step)]
+        perm = sort_within(pos, np.where(ranked, a[key], np.arange(len(pos))))
+        a.update({name: a[name][perm] for name in entry})
+    for name in [n for n, (dt, _, _) in fmt['files'].items() if dt == 'ids' and n != key]:
+        a[name] = order[a[name]]
+    return a
+
 def read_cache_meta(cache_dir, formats):
     """CACHE_DIR/meta.json, checked."""
     path = os.path.join(cache_dir, 'meta.json')
@@ -704,7 +806,9 @@ def read_cache_meta(cache_dir, formats):
     fix = "pass another --cache_dir, or make the cache again into an empty one"
     meta = read_json(path, fix)
     method = meta.get('method')
-    if meta.get('format') != 'rskd-cache' or meta.get('version') != 3:
+    if meta.get('version') == 3:  # version 4's layout when not compressed
+        meta.update(version=4, compress=False, block_bytes=0)
+    if meta.get('format') != 'rskd-cache' or meta.get('version') != 4:
         die(f"{cache_dir} holds no cache of this version of rskd: {fix}")
     if not isinstance(method, str) or method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: {fix}")
@@ -724,26 +828,39 @@ def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
         mm[name] = np.memmap(path, dtype=dt, mode='r', shape=(n,)) if n else np.zeros(0, dt)
     return mm
 
-def read_rows(mm, units, meta, seqs):
-    """The stored elements of sequences seqs, file by file."""
+def read_rows(mm, meta, formats, seqs):
+    """The values of sequences seqs, file by file (decoded, if compressed)."""
     rows = {}
-    for name, (_, per) in units.items():
-        if per in ('sequence', 'crc'):  # (no values)
+    for name, (_, per) in cache_files(meta, formats).items():
+        if per in ('sequence', 'crc', 'vocab'):  # (no values)
             continue
         where = spans(mm.get('seq_offsets'), 0, meta, per, seqs)
         if where is None or any(hi > len(mm[name]) for _, hi in where):
-            where = [(0, 0)]  # damaged offsets: the checksums report them
-        rows[name] = np.concatenate([mm[name][lo:hi] for lo, hi in where])
-    return rows
+            where = [(0, 0)] * len(seqs)  # damaged offsets: the checksums say so
+        rows[name] = [mm[name][lo:hi] for lo, hi in where]
+    if meta['compress']:
+        return decode_blocks(rows['blocks'], meta, formats, mm['vocab_order'])
+    return {name: np.concatenate(parts) for name, parts in rows.items()}
 
-def bad_sequences(mm, units, meta, fmt, seqs, rows):
-    """The sequences failing their checksum or the format's checks."""
+def checked_rows(mm, meta, formats, seqs):
+    """The rows of seqs if they decode and pass the format's checks, else None."""
+    try:
+        rows = read_rows(mm, meta, formats, seqs)
+    except (zlib.error, ValueError, IndexError):  # (a block with a valid crc never fails)
+        return None
+    return None if failed_check(meta, formats[meta['method']], rows) else rows
+
+def bad_sequences(mm, meta, formats, seqs):
+    """(The sequences failing their checksum or the format's checks, the
+    others' rows.) Blocks are decoded only once their checksum matches."""
+    units = cache_files(meta, formats)
     crcs = sequence_crcs(mm, units, meta, seqs, {name: 0 for name in units})
     bad = {s for s, crc in zip(seqs, crcs) if crc != mm['checksums'][s]}
     whole = [s for s in seqs if s not in bad]
-    if whole and failed_check(meta, fmt, rows if not bad else read_rows(mm, units, meta, whole)):
-        bad |= {s for s in whole if failed_check(meta, fmt, read_rows(mm, units, meta, [s]))}
-    return sorted(bad)
+    rows = checked_rows(mm, meta, formats, whole) if whole else None
+    if whole and rows is None:
+        bad |= {s for s in whole if checked_rows(mm, meta, formats, [s]) is None}
+    return sorted(bad), rows
 
 def cache_reader(cfg, loss, V, data, formats, checked=True):
     """(meta, read): a cache made for this run; read(seqs) gives a batch's
@@ -771,19 +888,19 @@ def cache_reader(cfg, loss, V, data, formats, checked=True):
         print(f"note: using the first {(data['n_tokens'] - 1) // cfg.block_size:,} of the "
               f"{meta['num_seqs']:,} sequences of {d}")
     mm = cache_memmaps(d, meta, formats)
-    fmt, units = formats[meta['method']], cache_files(meta, formats)
+    fmt = formats[meta['method']]
     ids = [name for name, (dtype, _, _) in fmt['files'].items() if dtype == 'ids']
     about = hashlib.sha256(json.dumps({k: meta[k] for k in meta if k not in RECORDED}).encode())
     about.update(mm['checksums'].tobytes())  # (what a resume of the run compares)
     meta['identity'] = dict(name=os.path.abspath(d), sha256=about.hexdigest())
 
     def read(seqs):
-        rows = read_rows(mm, units, meta, seqs)
-        bad = checked and bad_sequences(mm, units, meta, fmt, seqs, rows)
+        bad, rows = bad_sequences(mm, meta, formats, seqs) if checked else ([], None)
         if bad:
             die(f"{d} is damaged: sequence {bad[0]} ({len(bad)} in this batch) fails its "
                 f"checksum or holds values rskd never writes; --mode verify lists every "
                 f"damaged range. Make the cache again into an empty --cache_dir")
+        rows = rows or read_rows(mm, meta, formats, seqs)
         return {name: torch.from_numpy(a.astype(np.int64) if name in ids else a)
                 for name, a in rows.items()}
     return meta, read
@@ -804,8 +921,7 @@ def verify_cache(cfg, env, formats):
     progress = progress_printer('verify', 'positions', 0, S * T)
     for lo in range(0, S, 1024):
         seqs = list(range(lo, min(lo + 1024, S)))
-        rows = read_rows(mm, units, meta, seqs)
-        bad += bad_sequences(mm, units, meta, formats[meta['method']], seqs, rows)
+        bad += bad_sequences(mm, meta, formats, seqs)[0]
         progress(seqs[-1] * T + T)
     for a, b in to_ranges(bad):
         print(f"damaged: sequences {a}-{b} (positions {a * T:,}-{(b + 1) * T - 1:,})")
@@ -822,12 +938,13 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
     for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
         if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids than tokens)
             die(f"--{per} must be 1 to the vocabulary size {V}, got {getattr(cfg, per)}")
-    meta = dict(format='rskd-cache', version=3, method=cfg.method, vocab_size=V,
+    meta = dict(format='rskd-cache', version=4, method=cfg.method, vocab_size=V,
                 block_size=cfg.block_size, num_seqs=S, seed=cfg.seed, split=cfg.split,
                 teacher=teacher, data=data, ids_dtype='uint16' if V <= 65536 else 'int32',
                 dtype=env.dtype, device=env.type, device_name=env.name,
-                batch_size=cfg.batch_size, torch=torch.__version__, complete=False,
-                seqs_done=0, entries=0, **{k: getattr(cfg, k) for k in fmt['meta']})
+                batch_size=cfg.batch_size, torch=torch.__version__, compress=cfg.compress,
+                complete=False, seqs_done=0, entries=0, block_bytes=0,
+                **{k: getattr(cfg, k) for k in fmt['meta']})
     if os.path.exists(os.path.join(cfg.cache_dir, 'meta.json')):  # (every rank checks)
         old = read_cache_meta(cfg.cache_dir, formats)
         for key, now in meta.items():
@@ -851,25 +968,38 @@ class CacheWriter:
 
     def __init__(self, cfg, env, meta, formats):
         self.cfg, self.env, self.meta, self.fmt = cfg, env, meta, formats[meta['method']]
+        self.formats, self.files = formats, format_files(meta, formats)
         self.units, self.handles, self.pending = cache_files(meta, formats), {}, []
         T, d, self.start = meta['block_size'], cfg.cache_dir, meta['seqs_done']
         os.makedirs(d, exist_ok=True)
         for name, (dt, n) in file_sizes(meta, formats).items() if env.master else []:
             path, size = os.path.join(d, f'{name}.bin'), n * np.dtype(dt).itemsize
             if not self.start:  # a new cache: empty files (seq_offsets: its 0)
+                tokens = np.memmap(meta['data']['path'], np.uint16, 'r')  # (all of the split)
+                start = (vocab_order(tokens, meta['vocab_size'], dt) if self.units[name][1] == 'vocab'
+                         else np.zeros(n, dt))
                 with open(path, 'wb') as f:
-                    f.write(np.zeros(n, dt).tobytes())
+                    f.write(start.tobytes())
             elif os.path.isfile(path) and os.path.getsize(path) >= size:
                 os.truncate(path, size)
             else:
                 die(f"{path} is shorter than its meta.json says: the cache is damaged; "
                     f"make it again in an empty --cache_dir")
+            if self.units[name][1] == 'vocab':  # written once, read back
+                self.order = np.fromfile(path, dt)
+                if not np.array_equal(np.sort(self.order), np.arange(meta['vocab_size'])):
+                    die(f"{path} is damaged: make the cache again in an empty --cache_dir")
+                continue
             # unbuffered: a failed commit leaves no bytes in Python's buffers
             self.handles[name] = open(path, 'ab', buffering=0)
         if env.master and self.start:
             print(f"resuming {d} at sequence {self.start}/{meta['num_seqs']}")
         elif env.master:
             write_json(meta, os.path.join(d, 'meta.json'))
+        if env.ddp and meta['compress']:  # every rank encodes its own parts
+            box = [getattr(self, 'order', None)]
+            dist.broadcast_object_list(box, src=0)
+            self.order = box[0]
         if env.ddp:
             dist.barrier()
         self.t0 = self.committed = time.time()
@@ -878,7 +1008,7 @@ class CacheWriter:
     def add(self, part, seqs, done):
         """part: the target's output for seqs (None: none); done: the
         sequences finished once every rank's part is in."""
-        part = part if part is None else self.checked(part, len(seqs))
+        part = part if part is None else self.stored(self.checked(part, len(seqs)), len(seqs))
         if self.env.ddp:  # rank 0 gets every rank's part, in sequence order
             parts = [None] * self.env.world if self.env.master else None
             dist.gather_object(part, parts, dst=0)
@@ -896,7 +1026,7 @@ class CacheWriter:
             raise RuntimeError(f"{where} must return exactly its files {sorted(files)} as "
                                f"tensors, not {sorted(part)}")
         raw = {name: t.detach().cpu().numpy().reshape(-1) for name, t in part.items()}
-        arrays = {name: a.astype(self.units[name][0]) for name, a in raw.items()}
+        arrays = {name: a.astype(self.files[name][0]) for name, a in raw.items()}
         for name, (_, per, _) in files.items():
             want = (int(arrays[self.fmt['ragged']].sum()) if per == 'entry' else
                     n * self.meta['block_size'] * width(self.meta, per))
@@ -911,30 +1041,41 @@ class CacheWriter:
             raise RuntimeError(f"{where} gave values that {failed} refuses")
         return arrays
 
+    def stored(self, arrays, n):
+        """What a part appends (compressed: its blocks, made on its own
+        rank), each sequence's size in seq_offsets' unit, its entries."""
+        files, meta = self.files, self.meta  # entries: the values of the first ragged file (or first file)
+        entries = len(arrays[next((k for k, (_, per) in files.items() if per == 'entry'), next(iter(files)))])
+        if meta['compress']:
+            blocks = encode_blocks(arrays, meta, self.formats, self.order, n)
+            arrays = dict(blocks=np.frombuffer(b''.join(blocks), np.uint8))
+            return dict(values=arrays, n=n, entries=entries, sizes=[len(b) for b in blocks])
+        ragged = self.fmt['ragged']
+        sizes = ragged and arrays[ragged].reshape(n, -1).sum(1, dtype=np.uint64)
+        return dict(values=arrays, n=n, entries=entries, sizes=sizes if ragged else None)
+
     def commit(self, seqs_done):
         """Append the parts and their crc32s, fsync, then meta.json."""
         meta, units, T = self.meta, self.units, self.meta['block_size']
-        fixed = {n: per for n, (_, per) in units.items() if per not in ('entry', 'sequence', 'crc')}
-        # entries: the values of the first ragged file (or first file)
-        counted = next((n for n, (_, per) in units.items() if per == 'entry'), next(iter(units)))
         for part in filter(None, self.pending):
-            first, (name, per) = meta['seqs_done'], next(iter(fixed.items()))
-            n = len(part[name]) // (T * width(meta, per))  # sequences in it
-            base = {name: first * T * width(meta, per) for name, per in fixed.items()}
-            base.update({name: meta['entries'] for name, (_, per) in units.items() if per == 'entry'})
-            if self.fmt['ragged']:  # each sequence's start, then where each one ends
-                ends = np.cumsum(part[self.fmt['ragged']].reshape(n, -1).sum(1, dtype=np.uint64))
-                part['seq_offsets'] = meta['entries'] + np.concatenate([[0], ends]).astype(np.uint64)
-                base['seq_offsets'] = first
+            first, n, sizes, part_entries = meta['seqs_done'], part['n'], part['sizes'], part['entries']
+            done = dict(entry=meta['entries'], byte=meta['block_bytes'], vocab=0, sequence=first)
+            base = {name: done[per] if per in done else first * T * width(meta, per)
+                    for name, (_, per) in units.items() if per != 'crc'}
+            part = dict(part['values'], vocab_order=getattr(self, 'order', None))
+            if sizes is not None:  # each sequence's start, then where each one ends
+                start = meta['block_bytes'] if meta['compress'] else meta['entries']
+                part['seq_offsets'] = start + np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint64)
             crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
             part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
-            if self.fmt['ragged']:  # (the file holds the leading 0 already)
+            if sizes is not None:  # (the file holds the leading 0 already)
                 part['seq_offsets'] = part['seq_offsets'][1:]
             for name, f in self.handles.items():  # (a failed write: a rerun cuts it off)
                 data = memoryview(part[name].astype(units[name][0]).tobytes())
                 while data:  # an unbuffered write may take only part
                     data = data[f.write(data):]
-            meta['entries'] += len(part[counted])
+            meta['entries'] += part_entries
+            meta['block_bytes'] += len(part['blocks']) if meta['compress'] else 0
             meta['seqs_done'] = first + n
         for f in self.handles.values():
             os.fsync(f.fileno())
@@ -951,7 +1092,7 @@ class CacheWriter:
             f.close()
         if self.env.master:
             P = meta['num_seqs'] * meta['block_size']
-            size = sum(os.path.getsize(os.path.join(d, f'{n}.bin')) for n in self.handles)
+            size = sum(os.path.getsize(os.path.join(d, f'{n}.bin')) for n in self.units)
             unique = f"{meta['entries'] / P:.2f} unique tokens/position, " if self.fmt['ragged'] else ""
             print(f"cache complete: {d}, {P:,} positions, {unique}{size / P:.2f} bytes/position, "
                   f"{size / 1e6:.1f} MB, {tok_s:,.0f} tok/s")

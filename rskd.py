@@ -79,6 +79,7 @@ class Config:
     k: int = opt(12, "topk: ids per position")
     split: str = opt('train', "what to cache", ('train', 'val'))
     commit_seconds: float = opt(5.0, "fsync at most this often")
+    compress: bool = opt(True, "store each sequence deflated")
     # hardware
     device: str = opt('auto', "auto | cpu | cuda | cuda:N")
     dtype: str = opt('auto', "GPU: bf16|fp16", ('auto', 'float32', 'bfloat16', 'float16'))
@@ -195,10 +196,10 @@ def topk_weights(stored, meta):  # the teacher's own t_i
 #             f(values, each position's start, meta) -> ok, per batch
 #   ragged    its file of entries per position, or None
 #   weights   stored arrays -> (ids, weights), as above
-# The ragged layout: a position's entries follow the previous one's, and
-# seq_offsets.bin (S + 1 uint64) has sequence s's entries at
-# seq_offsets[s] .. seq_offsets[s+1]. Every cache also has checksums.bin,
-# a crc32 per sequence over its bytes in all the files.
+# The ragged layout: a position's entries follow the previous one's;
+# sequence s's are entries seq_offsets[s] .. seq_offsets[s+1]. On disk
+# (--compress) each sequence's values, in all its files, are one zlib
+# block (README: Cache format); a crc32 checks each sequence.
 FORMATS = {
     'rs': dict(
         target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
@@ -635,8 +636,6 @@ def run_train(cfg, env, ckpt=None):
     if env.master and m:  # the last eval, once more
         print(f"done: {cfg.out_dir} " + ', '.join(
             f"{k} {v:.4f}" for k, v in m.items() if k != 'reliability'))
-
-# ---------------------------------------------------------------
 
 def main(argv=None):
     args = parse_args(Config, argv, TEACHER, __doc__)

@@ -159,11 +159,18 @@ def teacher(tmp_path_factory, data):
 
 @pytest.fixture(scope='session')
 def caches(tmp_path_factory, data, teacher):
+    # every format, so that a fork's new entry is tested with no new test code: caches[method] compressed
+    # (the default), caches[method + '-plain'] with --compress false
     d = tmp_path_factory.mktemp('caches')
-    for method in rskd.FORMATS:  # every format, so that a fork's new entry is tested with no new test code
-        run('--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d / method,
-            *method_args(method), *TINY)
-    return {m: str(d / m) for m in rskd.FORMATS}
+    for method, plain in ((m, p) for m in rskd.FORMATS for p in (False, True)):
+        run('--mode', 'cache', '--data_dir', data, '--teacher', teacher, '--cache_dir', d / (method + '-plain' * plain),
+            *method_args(method), *TINY, *['--compress', 'false'] * plain)
+    return {m: str(d / m) for m in (*rskd.FORMATS, *(f'{m}-plain' for m in rskd.FORMATS))}
+
+
+def storages():
+    """Every format's two caches, compressed and plain: the keys of the caches fixture."""
+    return [m + plain for m in rskd.FORMATS for plain in ('', '-plain')]
 
 # ----------------------------------------------------------------------------- data and model
 
@@ -444,12 +451,12 @@ def read_rs_cache_with_numpy(d, seq):
 def test_the_readme_reads_a_cache_with_numpy_alone(caches):
     # the README's snippet, as written (NumPy 2: a uint8 length plus an offset must not overflow)
     readme = open(os.path.join(HERE, 'README.md')).read()
-    code = readme[readme.index("```python\nimport json, numpy as np") + len("```python\n"):]
+    code = readme[readme.index("```python\nimport json, zlib, numpy as np") + len("```python\n"):]
     code = code[:code.index("```")].replace("'cache-rs/", repr(caches['rs'] + '/')[:-1])
     scope = {}
     exec(code, scope)
-    T, s, t = scope['T'], scope['s'], scope['t']
-    dense = read_rs_cache_with_numpy(caches['rs'], s)[t]
+    s, t = scope['s'], scope['t']
+    dense = read_rs_cache_with_numpy(caches['rs-plain'], s)[t]
     assert scope['target'] == {i: dense[i] for i in np.flatnonzero(dense)}
 
 
@@ -460,7 +467,7 @@ def test_the_readme_quick_start_ends_with_sample_py():
 
 
 def test_cache_files_follow_the_format(caches, data):
-    d = caches['rs']
+    d = caches['rs-plain']
     meta = json.load(open(os.path.join(d, 'meta.json')))
     S, T = meta['num_seqs'], meta['block_size']
     assert meta['complete'] and meta['seqs_done'] == S == (20000 - 1) // 16 and meta['rounds'] == 50
@@ -479,17 +486,47 @@ def test_cache_files_follow_the_format(caches, data):
         ours = torch.zeros(T, V).scatter_add_(1, ids_[0], w[0]).numpy()
         assert np.allclose(ours, read_rs_cache_with_numpy(d, seq))
     # Top-K: ids and probabilities, descending, not renormalised
-    tk = json.load(open(os.path.join(caches['topk'], 'meta.json')))
-    probs = np.fromfile(os.path.join(caches['topk'], 'probs.bin'), dtype=np.float16).reshape(-1, tk['k'])
+    tk = json.load(open(os.path.join(caches['topk-plain'], 'meta.json')))
+    probs = np.fromfile(os.path.join(caches['topk-plain'], 'probs.bin'), dtype=np.float16).reshape(-1, tk['k'])
     assert probs.shape[0] == S * T and (np.diff(probs.astype(np.float32), axis=1) <= 0).all()
     assert (probs.astype(np.float32).sum(1) < 1.0 + 1e-2).all() and (probs.astype(np.float32).sum(1) < 0.999).any()
-    ids = np.fromfile(os.path.join(caches['topk'], 'ids.bin'), dtype=tk['ids_dtype']).reshape(-1, tk['k'])
-    cfg = rskd.Config(data_dir=data, cache_dir=caches['topk'], block_size=16, device='cpu')
+    ids = np.fromfile(os.path.join(caches['topk-plain'], 'ids.bin'), dtype=tk['ids_dtype']).reshape(-1, tk['k'])
+    cfg = rskd.Config(data_dir=data, cache_dir=caches['topk-plain'], block_size=16, device='cpu')
     _, targets = rskd.open_cache(cfg, 'topk', rskd.load_split(cfg, 'train', env)[0], V, env)
     for seq in (0, S - 1):
         ids_, w = targets([seq])
         assert np.array_equal(ids_[0].numpy(), ids[seq * T:(seq + 1) * T])
         assert np.array_equal(w[0].numpy(), probs[seq * T:(seq + 1) * T].astype(np.float32))
+
+
+def decoded(d):
+    """A cache's values, every sequence, file by file (a compressed cache's blocks decoded), as bytes."""
+    meta = guardrails.read_cache_meta(str(d), rskd.FORMATS)
+    mm = guardrails.cache_memmaps(str(d), meta, rskd.FORMATS)
+    rows = guardrails.read_rows(mm, meta, rskd.FORMATS, list(range(meta['num_seqs'])))
+    return {f'{name}.bin': a.tobytes() for name, a in rows.items()}
+
+
+@pytest.mark.parametrize('method', list(rskd.FORMATS))
+def test_compressed_cache_round_trip(method, caches):
+    # every stored array of the compressed cache equals the plain cache's file, byte for byte; the
+    # files on disk are the blocks, their offsets and checksums and the vocabulary order
+    d, plain = caches[method], caches[f'{method}-plain']
+    meta, meta_plain = (json.load(open(os.path.join(x, 'meta.json'))) for x in (d, plain))
+    assert meta['compress'] and not meta_plain['compress'] and meta['entries'] == meta_plain['entries']
+    stored = {k: v for k, v in files_of(plain).items() if k[:-4] in rskd.FORMATS[method]['files']}
+    assert decoded(d) == stored and decoded(plain) == stored
+    files = files_of(d)
+    assert set(files) == {'meta.json', 'blocks.bin', 'seq_offsets.bin', 'checksums.bin', 'vocab_order.bin'}
+    offsets = np.frombuffer(files['seq_offsets.bin'], np.uint64)
+    assert offsets[0] == 0 and offsets[-1] == len(files['blocks.bin']) == meta['block_bytes']
+    assert (np.diff(offsets.astype(np.int64)) > 0).all() and len(offsets) == meta['num_seqs'] + 1
+    # the vocabulary order: every id once, the data's most frequent first
+    order = np.frombuffer(files['vocab_order.bin'], np.uint16)
+    counts = np.bincount(np.fromfile(os.path.join(meta['data']['path']), np.uint16), minlength=V)
+    assert sorted(order) == list(range(V)) and (np.diff(counts[order]) <= 0).all()
+    if rskd.FORMATS[method]['ragged']:  # fewer bytes than the plain cache's files (3 B an entry)
+        assert len(files['blocks.bin']) < 0.8 * sum(map(len, stored.values()))
 
 
 def cache_args(data, teacher, d, *extra):
@@ -605,8 +642,8 @@ def test_importance_sampling_is_unbiased(tau):
 
 
 def test_is_cache_at_tau_1_is_the_rs_cache_plus_unit_weights(tmp_path, data, teacher, caches):
-    run(*cache_args(data, teacher, tmp_path / 'is', '--method', 'is'))
-    rs, is_ = files_of(caches['rs']), files_of(tmp_path / 'is')
+    run(*cache_args(data, teacher, tmp_path / 'is', '--method', 'is', '--compress', 'false'))
+    rs, is_ = files_of(caches['rs-plain']), files_of(tmp_path / 'is')
     assert set(is_) == set(rs) | {'weights.bin'}
     for name in ('lengths.bin', 'ids.bin', 'counts.bin', 'seq_offsets.bin'):
         assert is_[name] == rs[name]  # the same draws
@@ -750,21 +787,27 @@ def test_bench_writes_every_number(tmp_path, data, teacher, capsys):
     out = capsys.readouterr().out  # one line a measurement, then the tables: no inner run's lines
     assert len(out.splitlines()) < 60 and 'cache complete' not in out and out.count('measured ') == 5, out
     res = json.load(open(tmp_path / 'bench.json'))
-    formats = set(rskd.FORMATS)  # every format is benched, with no edit of bench.py
+    formats = set(rskd.FORMATS)  # every format is benched, with no edit of bench.py, compressed and plain
+    caches = {*formats, *(f'{m} plain' for m in formats)}
     for key in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes'):
-        assert set(res[key]) == {'ce', *formats, 'ghost', 'smooth', 'naive', 'fullkd'} and all(v >= 0 for v in res[key].values())
+        assert set(res[key]) == {'ce', *caches, 'ghost', 'smooth', 'naive', 'fullkd'} and all(v >= 0 for v in res[key].values())
     assert all(v > 0 for v in res['step_ms'].values())
-    assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == formats
-    assert [len(res['cache_runs_tok_s'][k]) for k in ('fwd', *formats)] == [5 * len(formats)] + [5] * len(formats)
+    assert res['teacher_fwd_tok_s'] > 0 and set(res['cache_tok_s']) == caches
+    assert [len(res['cache_runs_tok_s'][k]) for k in ('fwd', *caches)] == [5 * len(caches)] + [5] * len(caches)
+    # the storage: sizes of both, and compressed against plain in caching speed and step time
+    assert set(res['compressed_cache_speed_vs_plain']) == set(res['compressed_step_vs_plain']) == formats
+    assert all(0 < r < 10 for k in ('compressed_cache_speed_vs_plain', 'compressed_step_vs_plain') for r in res[k].values())
+    assert res['cache_bytes']['rs']['per_entry'] < res['cache_bytes']['rs plain']['per_entry']
+    assert f"rs cache compressed: {res['cache_bytes']['rs']['per_entry_growing']:.2f} bytes/entry" in out
     assert all(r > 0 for r in res['cache_ratio_vs_fwd'].values())
     r_eq = res['systematic_equal_storage_rounds']
     assert set(res['grad_angle_deg']) == {*formats, 'topk50', 'ghost', 'smooth', 'naive', 'systematic50',
                                           f'systematic{r_eq}', 'is0.8', 'is1.2'}
     assert all(0 <= a <= 180 for a in res['grad_angle_deg'].values())
     assert all(r > 0 for r in res['grad_norm_ratio_weights'].values())
-    assert set(res['read_ms']) == formats and all(v['checked'] > 0 for v in res['read_ms'].values())
+    assert set(res['read_ms']) == caches and all(v['checked'] > 0 for v in res['read_ms'].values())
     assert res['pipeline_shape'] == '16x1024' and all(v > 0 for v in res['pipeline_host_ms'].values())
-    assert set(res['host_batch_ms']) == set(res['pipeline_host_ms']) == formats
+    assert set(res['host_batch_ms']) == caches and set(res['pipeline_host_ms']) == formats
     # the float32 output layer takes out most of what bfloat16 does to the teacher's probabilities
     errors = res['teacher_bf16']
     assert errors['float32 output layer']['kl_float32_to_bf16'] < errors['bfloat16 output layer']['kl_float32_to_bf16']
@@ -819,7 +862,10 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
                             probs=('float16', 'position', [guardrails.probability]),
                             tenths=('uint8', 'position', [tenths_valid])))
     monkeypatch.setitem(rskd.FORMATS, 'top1', entry)
-    run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'top1', '--max_seqs', 64))
+    run(*cache_args(data, teacher, tmp_path / 'c', '--method', 'top1', '--max_seqs', 64, '--compress', 'false'))
+    # compressed (the default), its new file too: the blocks decode to the plain cache's files
+    run(*cache_args(data, teacher, tmp_path / 'cz', '--method', 'top1', '--max_seqs', 64))
+    assert decoded(tmp_path / 'cz') == {k: v for k, v in files_of(tmp_path / 'c').items() if k[:-4] in entry['files']}
     meta = json.load(open(tmp_path / 'c' / 'meta.json'))
     P = meta['num_seqs'] * meta['block_size']
     assert meta['complete'] and os.path.getsize(tmp_path / 'c' / 'ids.bin') == 2 * P
@@ -827,7 +873,7 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
     tenths = np.fromfile(tmp_path / 'c' / 'tenths.bin', np.uint8)
     assert len(probs) == len(tenths) == P and (probs > 0).all() and (probs <= 1).all()
     assert (tenths <= 10).all() and np.abs(tenths - probs.astype(np.float32) * 10).max() <= 0.51
-    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY,
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'cz', '--teacher', teacher, *TINY,
         '--loss', 'topk', '--max_seqs', 64, '--max_iters', 2, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
     assert [json.loads(line)['iter'] for line in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 2]
     # its new file is checksummed and value-checked like every other: a value its check refuses, with
@@ -977,6 +1023,18 @@ def test_bench_rounds_sweep(tmp_path, data, teacher):
     assert syst[49] > multi[49]  # evenly spaced points hit more distinct ids than independent ones
     assert {'multinomial3', 'systematic3', 'multinomial20', 'systematic20'} <= set(res['grad_angle_deg'])
     assert res['unique_per_position']['multinomial3'] <= 3
+
+
+def test_bench_storage_sweep(tmp_path, data, teacher, capsys):
+    import bench
+    bench.main(['storage', '--data_dir', data, '--teacher', teacher, '--out_dir', str(tmp_path), *TINY])
+    res = json.load(open(tmp_path / 'storage.json'))
+    ragged = [m for m, f in rskd.FORMATS.items() if f['ragged']]
+    assert [(r['method'], r['rounds']) for r in res['rows']] == [(m, N) for N in (12, 50, 150) for m in ragged]
+    for r in res['rows']:
+        assert r['bytes_per_entry'] < r['plain_bytes_per_entry'] and r['cache_tok_s'] > 0
+        assert 0 < r['cache_speed_vs_plain'] < 10 and 0 < r['step_vs_plain'] < 10
+    assert capsys.readouterr().out.count('| rs | ') == 3
 
 
 # ----------------------------------------------------------------------------- scale out
@@ -1139,7 +1197,8 @@ def bad_inputs(tmp, data, teacher, caches):
         'cache of other method': (lambda: [*train, '--cache_dir', caches['rs'], '--loss', 'topk'], 'is a rs cache'),
         'cache meta unexpected field': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', extra=1))], "unexpected fields ['extra']"),
         'cache meta missing field': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', seed=None))], "missing fields ['seed']"),
-        'truncated cache file': (lambda: [*train, '--cache_dir', cache_with(lambda d: os.truncate(f'{d}/ids.bin', os.path.getsize(f'{d}/ids.bin') - 2))], 'does not have the size'),
+        'truncated cache file': (lambda: [*train, '--cache_dir', cache_with(lambda d: os.truncate(f'{d}/ids.bin', os.path.getsize(f'{d}/ids.bin') - 2), 'rs-plain')], 'does not have the size'),
+        'truncated block file': (lambda: [*train, '--cache_dir', cache_with(lambda d: os.truncate(f'{d}/blocks.bin', os.path.getsize(f'{d}/blocks.bin') - 1))], 'does not have the size'),
         'missing teacher': (lambda: [*train, '--loss', 'fullkd', '--teacher', f'{tmp}/none.pt'], 'none.pt not found'),
         'corrupt teacher': (lambda: [*train, '--loss', 'fullkd', '--teacher', garbage()], 'not a valid rskd checkpoint'),
         'teacher of other vocab': (lambda: [*cache, '--data_dir', data_with(lambda d: edit_meta(f'{d}/meta.json', vocab_size=101))], 'vocabulary of 97 tokens, the data has 101'),
@@ -1152,7 +1211,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'unknown method': (lambda: [*cache, '--method', 'gumbel'], "invalid choice: 'gumbel'"),
         'unknown mode': (lambda: ['--mode', 'serve'], "invalid choice: 'serve'"),
         'non-finite loss': (lambda: [*train, '--cache_dir', caches['rs'], '--alpha', 1e38], 'the loss became inf'),
-        'NaN in a cache': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk')], 'is damaged: sequence '),
+        'NaN in a cache': (lambda: [*train, '--loss', 'topk', '--cache_dir', cache_with(nan_probs, 'topk-plain')], 'is damaged: sequence '),
         'unknown device': (lambda: [*train, '--device', 'tpu'], '--device must be auto, cpu, cuda or cuda:N'),
         'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
         'tail without topk': (lambda: [*train, '--cache_dir', caches['rs'], '--topk_tail', 'ghost'], 'changes only --loss topk, not --loss rskd'),
@@ -1344,9 +1403,11 @@ def affected_sequences(d, name, element):
         return {element}
     if per == 'sequence':  # offsets[j] ends sequence j-1 and starts sequence j
         return {s for s in (element - 1, element) if 0 <= s < S}
-    if per == 'entry':
+    if per in ('entry', 'byte'):
         offsets = np.fromfile(os.path.join(d, 'seq_offsets.bin'), np.uint64)
         return {int(np.searchsorted(offsets, element, side='right')) - 1}
+    if per == 'vocab':  # every block is decoded with it
+        return set(range(S))
     return {element // (T * guardrails.width(meta, per))}
 
 
@@ -1368,12 +1429,13 @@ def damage(path, dtype, element, kind):
     return element
 
 
-@pytest.mark.parametrize('method', list(rskd.FORMATS))
-def test_damaged_cache_is_caught_before_its_rows_are_used(method, tmp_path, data, caches, capsys):
+@pytest.mark.parametrize('cache', storages())
+def test_damaged_cache_is_caught_before_its_rows_are_used(cache, tmp_path, data, caches, capsys):
     # every file of the cache, damaged at its start, middle and end by a bit flip, zeroes or an extreme
     # value; training reads batches in order: the first batch holding a damaged sequence must stop the
-    # run, the batches before it must pass
-    src = caches[method]
+    # run, the batches before it must pass. A compressed block's checksum is checked before it is
+    # decompressed, so a damaged block never reaches the decoder
+    src, method = caches[cache], cache.split('-')[0]
     units = cache_units(src)
     cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
     env = rskd.setup(cfg)
@@ -1403,33 +1465,46 @@ def test_damaged_cache_is_caught_before_its_rows_are_used(method, tmp_path, data
                     pytest.fail(f"{name}[{hit}] {kind}: not caught")
 
 
-def test_values_are_checked_even_where_a_checksum_matches(tmp_path, data, caches, capsys):
-    # a count set to 0 with its sequence's checksum recomputed (as a writer bug would leave it): the value
-    # checks stop the run all the same
-    shutil.copytree(caches['rs'], tmp_path / 'c')
-    meta = json.load(open(tmp_path / 'c' / 'meta.json'))
-    counts = np.memmap(tmp_path / 'c' / 'counts.bin', np.uint8, 'r+')
-    counts[0] = 0
-    counts.flush()
-    units = cache_units(tmp_path / 'c')
-    mm = {name: np.fromfile(tmp_path / 'c' / f'{name}.bin', dt) for name, (dt, _) in units.items()}
-    crc = guardrails.sequence_crcs(mm, units, meta, [0], {k: 0 for k in units})[0]
-    np.memmap(tmp_path / 'c' / 'checksums.bin', np.uint32, 'r+')[0] = crc
-    cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
+def buggy_writer(monkeypatch, edit):
+    """The cache writer with a bug: edit(arrays) changes its first batch's values after they were
+    checked, so that their checksums cover the bad values as they would any other."""
+    real, calls = guardrails.CacheWriter.checked, []
+
+    def checked(self, part, n):
+        arrays = real(self, part, n)
+        if not calls:
+            edit(arrays)
+        calls.append(n)
+        return arrays
+    monkeypatch.setattr(guardrails.CacheWriter, 'checked', checked)
+
+
+@pytest.mark.parametrize('compress', ['true', 'false'])
+def test_values_are_checked_even_where_a_checksum_matches(compress, tmp_path, data, teacher, capsys, monkeypatch):
+    # a count of 0, in either storage, with a checksum that matches it: the value checks stop the run
+    with monkeypatch.context() as m:
+        buggy_writer(m, lambda arrays: arrays['counts'].__setitem__(0, 0))
+        run(*cache_args(data, teacher, tmp_path / 'c', '--max_seqs', 16, '--compress', compress))
+    cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu', max_seqs=16)
     env = rskd.setup(cfg)
-    _, reader = rskd.open_cache(cfg, 'rskd', rskd.load_split(cfg, 'train', env)[0], V, env)
+    _, reader = rskd.open_cache(cfg, 'rskd', rskd.load_split(cfg, 'train', env, 16)[0], V, env)
     reader([1, 2])
     with pytest.raises(SystemExit):
         reader([3, 0])
     assert 'sequence 0 (' in capsys.readouterr().err
 
 
-def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, caches, capsys, monkeypatch):
-    shutil.copytree(caches['topk'], tmp_path / 'c')
+@pytest.mark.parametrize('cache', ['topk', 'topk-plain'])
+def test_training_stops_at_the_first_batch_with_damaged_rows(cache, tmp_path, data, caches, capsys, monkeypatch):
+    shutil.copytree(caches[cache], tmp_path / 'c')
     S, B = (20000 - 1) // 16, 4
     order = rskd.draw_seqs(S, 3, 0, S)  # the data order of seed 3 (TINY)
     victim = order[5 * B + 1]  # drawn in the 6th step (iter 5)
-    damage(str(tmp_path / 'c' / 'probs.bin'), 'float16', victim * 16 * 5 + 7, 'flip')
+    if cache == 'topk':  # a byte inside its block
+        start = np.fromfile(tmp_path / 'c' / 'seq_offsets.bin', np.uint64)[victim]
+        damage(str(tmp_path / 'c' / 'blocks.bin'), 'uint8', int(start) + 9, 'flip')
+    else:
+        damage(str(tmp_path / 'c' / 'probs.bin'), 'float16', victim * 16 * 5 + 7, 'flip')
     steps = []
     real_step = torch.optim.AdamW.step
 
@@ -1449,10 +1524,10 @@ def test_training_stops_at_the_first_batch_with_damaged_rows(tmp_path, data, cac
 def test_wide_top_k_rows_are_read_whole():
     # a Top-K cache with k > 255 (the most entries a ragged position can have): its fixed-width rows
     # are read whole, not cut to 255 per position
-    meta = dict(method='topk', block_size=2, k=300, vocab_size=50257, seqs_done=3, entries=1800, ids_dtype='uint16')
-    units = guardrails.cache_files(meta, rskd.FORMATS)
+    meta = dict(method='topk', block_size=2, k=300, vocab_size=50257, seqs_done=3, entries=1800, ids_dtype='uint16',
+                compress=False)
     mm = dict(ids=np.arange(1800, dtype=np.uint16), probs=np.linspace(1, 0, 1800).astype(np.float16))
-    rows = guardrails.read_rows(mm, units, meta, [0, 2])
+    rows = guardrails.read_rows(mm, meta, rskd.FORMATS, [0, 2])
     assert len(rows['ids']) == 2 * 2 * 300 and rows['ids'][600] == 1200
 
 
@@ -1479,7 +1554,7 @@ def test_torchrun_environment_without_local_rank(tmp_path, data, caches, capsys,
 def test_verify_lists_every_damaged_range(tmp_path, data, caches, capsys):
     run('--mode', 'verify', '--data_dir', data, '--cache_dir', caches['is'], *TINY)
     assert f"{caches['is']} is intact: 1,249 sequences" in capsys.readouterr().out
-    shutil.copytree(caches['rs'], tmp_path / 'c')
+    shutil.copytree(caches['rs-plain'], tmp_path / 'c')
     damage(str(tmp_path / 'c' / 'lengths.bin'), 'uint8', 16 * 3 + 2, 'flip')  # sequence 3
     damage(str(tmp_path / 'c' / 'seq_offsets.bin'), 'uint64', 101, 'flip')  # sequences 100 and 101
     damage(str(tmp_path / 'c' / 'checksums.bin'), 'uint32', 1248, 'zero')  # the last one
@@ -1678,7 +1753,7 @@ def test_options_the_cache_decides_are_taken_from_it(tmp_path, data, caches, cap
         capsys, '--mode', 'train', '--data_dir', data, *TINY, '--loss', 'ce', '--rounds', 9, '--out_dir', tmp_path / 'a')
     assert not os.path.exists(tmp_path / 'a')  # a failed first run leaves no folder behind
     run(*topk, '--out_dir', tmp_path / 'b')  # --k not given: the cache's is recorded, not the default 12
-    assert f"from {caches['topk']}: method topk, split train, k 5" in capsys.readouterr().out
+    assert f"from {caches['topk']}: method topk, split train, compress True, k 5" in capsys.readouterr().out
     assert torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)['config']['k'] == 5
     run(*topk, '--k', 5, '--split', 'train', '--out_dir', tmp_path / 'c')  # what the cache says: fine
 
@@ -1754,7 +1829,7 @@ def test_prepare_data_guard_rails(tmp_path, caches, capsys, monkeypatch):
     cache = tmp_path / 'cache'
     shutil.copytree(caches['rs'], cache)
     before = {d: files_of(d) for d in (out, cache)}
-    assert 'holds checksums.bin, which prepare_data.py does not write' in fails('--input', corpus, '--out', cache)
+    assert 'holds blocks.bin, which prepare_data.py does not write' in fails('--input', corpus, '--out', cache)
     (tmp_path / 'a_file').write_text('x')
     assert 'Not a directory' in fails('--input', corpus, '--out', tmp_path / 'a_file')
     held = open(out / '.lock', 'a+')  # another run holds the folder
@@ -2142,3 +2217,30 @@ def test_a_cache_serves_any_prefix_of_its_data(tmp_path, data, teacher, capsys):
         assert (f"using the first 64 of the 128 sequences of {tmp_path / 'c128'}" in said) == (c == 'c128')
     a, b = final_weights(tmp_path / 'out-c128'), final_weights(tmp_path / 'out-c64')
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_version_3_cache_is_read_as_it_is(tmp_path, data, teacher, caches, capsys):
+    # today's uncompressed layout under the last version's meta.json: trained from as it is; resumed only
+    # into the same storage, the default being refused with one line that names the option
+    shutil.copytree(caches['rs-plain'], tmp_path / 'v3')
+    edit_meta(tmp_path / 'v3' / 'meta.json', version=3, compress=None, block_bytes=None)
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'v3', *TINY, '--max_iters', 2,
+        '--eval_interval', 2, '--out_dir', tmp_path / 'o')
+    assert 'compress False' in capsys.readouterr().out
+    d = tmp_path / 'part'
+    run_killed('guardrails.write_json', 3, f"rskd.main({[str(a) for a in cache_args(data, teacher, d, '--compress', 'false')]!r})")
+    edit_meta(d / 'meta.json', version=3, compress=None, block_bytes=None)
+    assert 'made with a different compress (False vs now True)' in fail(capsys, *cache_args(data, teacher, d))
+    run(*cache_args(data, teacher, d, '--compress', 'false'))
+    ours, ref = files_of(d), files_of(caches['rs-plain'])
+    assert json.loads(ours.pop('meta.json'))['version'] == 4 and ref.pop('meta.json')
+    assert ours == ref
+
+
+def test_a_damaged_vocabulary_order_is_refused_on_resume(tmp_path, data, teacher, capsys):
+    d = tmp_path / 'c'
+    run_killed('guardrails.write_json', 3, f"rskd.main({[str(a) for a in cache_args(data, teacher, d)]!r})")
+    order = np.memmap(d / 'vocab_order.bin', np.uint16, 'r+')
+    order[5] = order[6]  # no longer every id once
+    order.flush()
+    assert 'vocab_order.bin is damaged' in fail(capsys, *cache_args(data, teacher, d))
