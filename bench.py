@@ -5,6 +5,7 @@ and the tables of RESULTS.md.
   python bench.py [rskd.py options]   # writes OUT_DIR/bench.json
   python bench.py rounds [options]    # distinct ids per position for N = 1..255, fidelity at a few N
   python bench.py storage [options]   # compressed against plain caches at N = 12, 50, 150: size, speed
+  python bench.py gpu                 # the prepared GPU check: CUDA tests, GPT-2-shaped runs -> gpu_check.json
   python bench.py tables              # RESULTS.md's tables, from the runs' metrics.jsonl (in this folder)
   python bench.py plots               # RESULTS.md's pictures, the same runs' (matplotlib: plots/*.png)
 
@@ -17,6 +18,7 @@ same batches, and the ratio is taken pair by pair.
 """
 import contextlib
 import copy
+import functools
 import glob
 import io
 import math
@@ -24,17 +26,20 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+import prepare_data
 import rskd
 from guardrails import (cache_files, checked_json, die, entry_point, folder_lock, load_checkpoint, load_teacher,
                         output_folder, parse_args, read_cache_meta, read_json, recorded_options, resolve_config,
-                        setup, write_json)
+                        save_checkpoint, setup, write_json)
 from model import GPT, GPTConfig
 
 TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass
@@ -89,10 +94,10 @@ def quiet():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def measured(what, bench, *args):
-    """bench(*args), and one line saying that it was measured and how long that took."""
+def measured(what, bench, *args, **kwargs):
+    """bench(*args, **kwargs), and one line saying that it was measured and how long that took."""
     t0 = time.time()
-    result = bench(*args)
+    result = bench(*args, **kwargs)
     print(f"measured {what} in {time.time() - t0:.0f}s", flush=True)
     return result
 
@@ -113,7 +118,7 @@ def bench_caching(cfg, env, loaded, tokens, n, methods=None):
     same n sequences, 5 pairs each; the sizes, and compressed against plain."""
     T, B = cfg.block_size, cfg.batch_size
     teacher = torch.compile(loaded[0]) if env.compile else loaded[0]  # as --mode cache runs it
-    batches = [rskd.get_batch(tokens, range(i, min(i + B, n)), T, env)[0] for i in range(0, n, B)]
+    batches = [rskd.get_batch(tokens, range(i, min(i + B, n)), T, env, B)[0] for i in range(0, n, B)]  # (as cached: padded)
 
     @torch.no_grad()
     def bare_forward():
@@ -207,18 +212,19 @@ def bench_fidelity(cfg, env, teacher, student, idx, seqs, labels, sweep=()):
     for N in sweep:
         sparse.update({f'multinomial{N}': rs(N, 'multinomial'), f'systematic{N}': rs(N, 'systematic')})
     unique = {k: v[2] for k, v in sparse.items()}
-    variants = {k: rskd.OBJECTIVES[rskd.FORMATS[k]['loss'] if k in rskd.FORMATS else 'rskd'](
-        s_logits, dict(ids=v[0], w=v[1], targets=labels)) for k, v in sparse.items()}
+    # each variant's loss is built when its turn comes, and its graph freed before the next one's
+    variants = {k: functools.partial(rskd.OBJECTIVES[rskd.FORMATS[k]['loss'] if k in rskd.FORMATS else 'rskd'],
+                                     s_logits, dict(ids=v[0], w=v[1], targets=labels)) for k, v in sparse.items()}
     top = probs.topk(50, dim=-1)
-    variants['topk50'] = rskd.sparse_kd_loss(s_logits, top.indices, top.values)
+    variants['topk50'] = functools.partial(rskd.sparse_kd_loss, s_logits, top.indices, top.values)
     top = probs.topk(cfg.k, dim=-1)  # the paper's three remedies for Top-K's leftover mass
     batch = dict(ids=top.indices, w=top.values, targets=labels)
     for tail in TAILS:
-        variants[tail] = rskd.OBJECTIVES[tail](s_logits, batch)
+        variants[tail] = functools.partial(rskd.OBJECTIVES[tail], s_logits, batch)
     full = grads(rskd.full_kd_loss(s_logits, t_logits))
     fidelity = {}
     for name, loss in variants.items():
-        for wrt, g, g_full in zip(('logits', 'weights'), grads(loss), full):
+        for wrt, g, g_full in zip(('logits', 'weights'), grads(loss()), full):
             cos = (g @ g_full / (g.norm() * g_full.norm())).clamp(-1, 1).item()
             fidelity.setdefault(f'grad_angle_deg_{wrt}', {})[name] = math.degrees(math.acos(cos))
             fidelity.setdefault(f'grad_norm_ratio_{wrt}', {})[name] = (g.norm() / g_full.norm()).item()
@@ -249,7 +255,7 @@ def bench_precision(teacher, idx, env):
     return out
 
 
-def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs, methods=None):
+def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs, methods=None, rotations=2):
     """One training step per method on the same batch, the methods interleaved and rotated: CE, each
     cache format (compressed and plain) with the loss it trains, Top-K's remedies and full KD."""
     B, T = idx.shape
@@ -272,7 +278,7 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs,
     objectives.update(ce='ce', fullkd='fullkd')
     methods = methods or step_methods()
     times, mem = {k: [] for k in methods}, {k: 0 for k in methods}
-    for rep in range(2 + 2 * len(methods)):  # every rotation is timed twice, after 2 warm-ups
+    for rep in range(2 + rotations * len(methods)):  # every rotation timed `rotations` times, after 2 warm-ups
         for name in methods[rep % len(methods):] + methods[:rep % len(methods)]:
             base = peak_memory_reset(env)
             t0 = time.time()
@@ -349,8 +355,9 @@ def bench_pipeline(cfg, env, tokens, V, B=16, T=1024):
         run_cfg = replace(cfg, method=method, cache_dir=os.path.join(cfg.out_dir, f'bench-pipeline-{method}'),
                           block_size=T, batch_size=4, max_seqs=B, split='train')
         shutil.rmtree(run_cfg.cache_dir, ignore_errors=True)
+        eager = SimpleNamespace(**dict(vars(env), compile=False))  # (compiling it gains nothing)
         with quiet():
-            rskd.run_cache(run_cfg, env, (RandomTeacher(V).to(env.device), dict(name='random', sha256='-')))
+            rskd.run_cache(run_cfg, eager, (RandomTeacher(V).to(env.device), dict(name='random', sha256='-')))
         reader = rskd.open_cache(run_cfg, fmt['loss'], tokens[:B * T + 1], V, env)[1]
         samples = []
         for _ in range(10):
@@ -417,7 +424,7 @@ def run_storage(cfg, env, sweep=(12, 50, 150)):
         run_cfg = replace(cfg, rounds=N)
         caching = measured(f'caching at N = {N}', bench_caching, run_cfg, env, loaded, tokens, n, methods)
         steps = measured(f'steps at N = {N}', bench_steps, run_cfg, env, loaded[0], student, tokens, n, idx,
-                         targets, seqs, caching['dirs'], ['ce', *storages(methods)])
+                         targets, seqs, caching['dirs'], ['ce', *storages(methods)], rotations=6)
         res = dict(**caching['result'], **steps)
         report_storage(res)
         for m in methods:
@@ -429,14 +436,79 @@ def run_storage(cfg, env, sweep=(12, 50, 150)):
                              step_vs_plain=res['compressed_step_vs_plain'][m],
                              decode_share_of_step=res['compressed_read_share_of_step'][m]))
     write_json(dict(device=env.name, batch=f'{B}x{T}', sequences=n, rows=rows), os.path.join(cfg.out_dir, 'storage.json'))
-    print(f"\n| method | N | bytes/entry (plain) | bytes/position | cache tok/s (plain) | caching vs plain | step vs plain "
-          f"| decoding, % of a step |")
+    print("\n| method | N | bytes/entry (plain) | bytes/position | cache tok/s (plain) | caching vs plain | step vs plain "
+          "| decoding, % of a step |")
     print('|---|---|---|---|---|---|---|---|')
     for r in rows:
         print(f"| {r['method']} | {r['rounds']} | {r['bytes_per_entry']:.2f} ({r['plain_bytes_per_entry']:.2f}) | "
               f"{r['bytes_per_position']:.1f} | {r['cache_tok_s']:,.0f} ({r['plain_cache_tok_s']:,.0f}) | "
               f"{r['cache_speed_vs_plain']:.3f}x | {r['step_vs_plain']:.3f}x | {100 * r['decode_share_of_step']:.2f} |")
     print(f"wrote {os.path.join(cfg.out_dir, 'storage.json')}")
+
+
+GPT2_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)  # the teacher the GPU check makes
+STUDENT_SHAPE = dict(n_layer=6, n_head=6, n_embd=384)
+
+
+def run_gpu_check(cfg, env, teacher_shape=GPT2_SHAPE, student_shape=STUDENT_SHAPE, seqs=256, batch=8, steps=30,
+                  tests=True):
+    """The prepared GPU check, for whoever next has a GPU (under 8 minutes on one): the CUDA tests, then a
+    GPT-2-shaped teacher with random weights (built here: no download), a cache and a short student run
+    from it, and the bench at that shape, all on data from the Python stdlib (prepare_data.py's default).
+    Writes OUT_DIR/gpu_check.json: pass/fail, peak memory, tok/s and the cache/forward ratio."""
+    out, T = cfg.out_dir, teacher_shape['block_size']
+    common = ['--device', cfg.device, '--dtype', cfg.dtype, '--compile', cfg.compile, '--block_size', str(T),
+              '--batch_size', str(batch), '--data_dir', f'{out}/data']
+    res = dict(device=env.name, torch=torch.__version__)
+    if tests:  # (a child process: the tests make their own folders)
+        t0 = time.time()
+        p = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-k', 'cuda', 'test_rskd.py'],
+                           cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
+        res['cuda_tests'] = dict(exit_code=p.returncode, summary=(p.stdout.strip().splitlines() or [''])[-1],
+                                 seconds=time.time() - t0)
+        print(f"CUDA tests: {res['cuda_tests']['summary']}", flush=True)
+    if not os.path.exists(f'{out}/data/meta.json'):
+        with quiet():
+            prepare_data.main(['--out', f'{out}/data'])
+    tokens, S, V = rskd.load_split(replace(cfg, block_size=T), 'train', env)
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(vocab_size=V, **teacher_shape))
+    optimizer = teacher.configure_optimizers(0.0, 1e-4, (0.9, 0.95), 'cpu')
+    save_checkpoint(f'{out}/teacher.pt', teacher, optimizer, torch.amp.GradScaler('cpu', enabled=False), 0,
+                    math.inf, dict(mode='teacher'), [])
+    del teacher, optimizer
+
+    def timed(what, argv):  # rskd.main(argv): its wall time, peak GPU memory and the line that says its speed
+        if env.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        t0, log = time.time(), io.StringIO()
+        with contextlib.redirect_stdout(log):
+            rskd.main(argv)
+        lines = [line for line in log.getvalue().splitlines() if 'tok/s' in line]
+        res[what] = dict(seconds=time.time() - t0, last_line=lines[-1] if lines else '',
+                         peak_gpu_bytes=torch.cuda.max_memory_allocated() if env.type == 'cuda' else None)
+        print(f"{what}: {res[what]['last_line']} ({res[what]['seconds']:.0f}s)", flush=True)
+    for d in (f'{out}/gpu-cache', f'{out}/gpu-student'):
+        shutil.rmtree(d, ignore_errors=True)
+    n = min(seqs, S)
+    timed('cache', ['--mode', 'cache', '--teacher', f'{out}/teacher.pt', '--cache_dir', f'{out}/gpu-cache',
+                    '--max_seqs', str(n), *common])
+    shape = [a for k, v in student_shape.items() for a in (f'--{k}', str(v))]
+    timed('student', ['--mode', 'train', '--loss', 'rskd', '--cache_dir', f'{out}/gpu-cache', '--max_seqs', str(n),
+                      '--teacher', f'{out}/teacher.pt', '--out_dir', f'{out}/gpu-student', '--max_iters', str(steps),
+                      '--eval_interval', str(steps), '--eval_iters', '2', '--warmup_iters', '5', *shape, *common])
+    bench_out = f'{out}/gpu-bench'
+    os.makedirs(bench_out, exist_ok=True)
+    bench_cfg = replace(cfg, teacher=f'{out}/teacher.pt', out_dir=bench_out, data_dir=f'{out}/data', block_size=T,
+                        batch_size=batch, **student_shape)
+    with quiet():
+        run_bench(bench_cfg, env)
+    b = read_json(f'{bench_out}/bench.json', "run the GPU check again")
+    res['bench'] = {k: b[k] for k in ('step_ms', 'step_ratio_vs_ce', 'peak_mem_bytes', 'peak_mem_kind', 'tok_s',
+                                      'teacher_fwd_tok_s', 'cache_tok_s', 'cache_ratio_vs_fwd', 'cache_bytes')}
+    write_json(res, os.path.join(out, 'gpu_check.json'))
+    print("cache/forward: " + ', '.join(f"{m} {r:.2f}x" for m, r in b['cache_ratio_vs_fwd'].items()))
+    print(f"wrote {os.path.join(out, 'gpu_check.json')}")
 
 
 def run_rounds(cfg, env, sweep=(5, 12, 50, 150), n_seqs=64):
@@ -627,13 +699,15 @@ def main(argv=None):
             return print_tables()
         if argv[:1] == ['plots']:
             return plot()
-        sub = argv[0] if argv[:1] in (['rounds'], ['storage']) else None
+        sub = argv[0] if argv[:1] in (['rounds'], ['storage'], ['gpu']) else None
         args = parse_args(rskd.Config, argv[bool(sub):], rskd.TEACHER, __doc__)
+        if sub == 'gpu':  # (its own folder: data, teacher, runs)
+            args.setdefault('out_dir', 'gpu-check')
         cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
                                 rskd.OBJECTIVES)
         env = setup(cfg)
         with folder_lock(output_folder(cfg, env)):
-            dict(rounds=run_rounds, storage=run_storage).get(sub, run_bench)(cfg, env)
+            dict(rounds=run_rounds, storage=run_storage, gpu=run_gpu_check).get(sub, run_bench)(cfg, env)
 
 
 if __name__ == '__main__':

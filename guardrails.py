@@ -193,9 +193,10 @@ def setup(cfg):
         if use_cuda and ranks > gpus:  # every rank stops, before any waits
             die(f"torchrun started {ranks} processes on this machine, which has {gpus} "
                 f"GPUs: use --nproc_per_node {gpus}, or --device cpu")
-        dist.init_process_group('nccl' if use_cuda else 'gloo')
-        env.rank, env.world = dist.get_rank(), dist.get_world_size()
         env.device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
+        gpu = dict(device_id=torch.device(env.device)) if use_cuda else {}  # (NCCL: no guessing)
+        dist.init_process_group('nccl' if use_cuda else 'gloo', **gpu)
+        env.rank, env.world = dist.get_rank(), dist.get_world_size()
     elif cfg.device == 'auto':  # (not mps: it has no float64)
         env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     env.master, env.type = env.rank == 0, env.device.split(':')[0]
@@ -207,19 +208,44 @@ def setup(cfg):
     env.ctx = nullcontext() if env.dtype == 'float32' else torch.autocast(
         env.type, dtype=getattr(torch, env.dtype))
     env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.type == 'cuda')
+    env.compile = env.compile and compile_works(env, cfg.compile)
     return env
 
-def check_model_size(cfg, V, env):
-    """Refuse a model whose weights, grads, AdamW moments, logits won't fit."""
+def compile_works(env, choice):
+    """Whether torch.compile works here, tried once on a tiny function (a
+    missing C compiler or Triton fails at the first compiled call): under
+    --compile auto the run goes on uncompiled, under true it stops."""
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=env.device))
+        return True
+    except Exception as e:  # (whatever the compiler raises)
+        if choice == 'true':
+            die(f"--compile true, but torch.compile fails here ({first_line(e)[:120]}): "
+                f"use --compile false, or fix the compiler")
+        if env.master:
+            print(f"note: torch.compile fails here ({first_line(e)[:120]}): running uncompiled")
+        return False
+
+def check_model_size(cfg, V, env, teacher=None):
+    """Refuse a run that won't fit beside what is loaded (on a GPU: the
+    teacher). Training: the student's weights, grads and AdamW moments (16
+    bytes a parameter) and the float32 (B, T, V) tensors a step holds: 4
+    (logits, log-softmax, gradient, a temporary), 7 where a teacher runs
+    (its logits and theirs, in fullkd and the evals). Caching: 2 (the
+    probabilities; the sampler's work or is's proposal), no student."""
     C, L = cfg.n_embd, cfg.n_layer
     params = (V + 63) // 64 * 64 * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
-    need = 16 * params + 3 * 4 * cfg.batch_size * cfg.block_size * V
-    have = (torch.cuda.get_device_properties(env.device).total_memory if env.type == 'cuda'
-            else os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
+    params, held = (0, 2) if cfg.mode == 'cache' else (params, 7 if teacher else 4)
+    need = 16 * params + held * 4 * cfg.batch_size * cfg.block_size * V
+    if env.type == 'cuda':
+        have = (torch.cuda.get_device_properties(env.device).total_memory
+                - torch.cuda.memory_allocated(env.device))
+    else:
+        have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if need > have:
-        die(f"a model of {params / 1e6:,.0f}M parameters needs about {need / 2**30:,.0f} "
-            f"GiB, this {env.type} has {have / 2**30:,.0f}: use a smaller --n_layer, "
-            f"--n_embd or --batch_size")
+        what = f"a model of {params / 1e6:,.0f}M parameters" if params else "caching"
+        die(f"{what} needs about {need / 2**30:,.1f} GiB more, this {env.type} has "
+            f"{have / 2**30:,.1f}: use a smaller --batch_size (or --n_layer, --n_embd)")
 
 def check_batching(cfg, world, S):
     """Micro-steps per rank; a step must divide among ranks, fit the data."""
@@ -935,6 +961,7 @@ def verify_cache(cfg, env, formats):
 def write_cache(cfg, env, formats, S, V, teacher, data):
     """A CacheWriter (None: complete); a different cache is refused."""
     fmt = check_format(cfg.method, formats)
+    check_model_size(cfg, V, env)  # (the teacher is loaded)
     for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
         if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids than tokens)
             die(f"--{per} must be 1 to the vocabulary size {V}, got {getattr(cfg, per)}")
@@ -1025,7 +1052,11 @@ class CacheWriter:
         if set(part) != set(files) or not all(isinstance(t, torch.Tensor) for t in part.values()):
             raise RuntimeError(f"{where} must return exactly its files {sorted(files)} as "
                                f"tensors, not {sorted(part)}")
-        raw = {name: t.detach().cpu().numpy().reshape(-1) for name, t in part.items()}
+        # copied to the host without waiting one by one (pinned), then one wait for all
+        host = {name: t.detach().to('cpu', non_blocking=True) for name, t in part.items()}
+        if self.env.type == 'cuda':
+            torch.cuda.current_stream(self.env.device).synchronize()
+        raw = {name: t.numpy().reshape(-1) for name, t in host.items()}
         arrays = {name: a.astype(self.files[name][0]) for name, a in raw.items()}
         for name, (_, per, _) in files.items():
             want = (int(arrays[self.fmt['ragged']].sum()) if per == 'entry' else
@@ -1154,7 +1185,7 @@ def folder_lock(folder, ckpt=None):
 def stop_requested():
     """A list that signals append to; a second signal stops at once."""
     stop = []
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
 
     def request_stop(sig, frame):
         stop.append(sig)
@@ -1167,14 +1198,19 @@ def stop_requested():
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
 
-def stop_everywhere(stop, env):
-    """The signal that stopped any rank (0: none): all stop together."""
-    sig = stop[0] if stop else 0
-    if env.ddp:
-        flag = torch.tensor(sig, device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        sig = int(flag.item())
-    return sig
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+def signal_flags(stop, env):
+    """1 for each of SIGNALS that this rank received, as a tensor on its
+    device that can ride on the loss's all_reduce (filled: no host copy)."""
+    flags = torch.zeros(len(SIGNALS), device=env.device)
+    for i in [i for i, sig in enumerate(SIGNALS) if sig in stop]:
+        flags[i] = 1
+    return flags
+
+def first_signal(flags):
+    """The signal that any rank received (0: none), from reduced flags."""
+    return next((sig for sig, f in zip(SIGNALS, flags) if f), 0)
 
 class Interrupted(Exception):
     """A signal stopped the run: args (signal number[, what it saved])."""
@@ -1190,7 +1226,7 @@ def entry_point():
     """Every entry point's error boundary: a mistake, a failing disk or a
     signal ends in one line, exit 1 (128 + a signal), no traceback."""
     INTERRUPTS.clear()
-    handlers = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.signal(s, interrupt) for s in SIGNALS}
     try:
         yield
     except (Exception, KeyboardInterrupt) as e:

@@ -133,7 +133,7 @@ class GPT(nn.Module):
             # every probability would carry an error of up to ~13%, and the cache would be exact
             # only for a perturbed teacher
             x = x.float() if self.float32_head else x
-            if x.is_cuda:
+            if x.is_cuda and not self.float32_head:  # (a teacher's: contiguous, for an in-place softmax)
                 return F.linear(x, weight)[..., :V]  # (B, T, V)
             return F.linear(x, weight[:V])  # (B, T, V)
 

@@ -24,17 +24,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from guardrails import (
     Interrupted, ascending, at_least_1, cache_reader, check_batching,
     check_data, check_finite, check_model_size, data_fingerprint,
     ddp_teardown, descending, die, entry_point, find_teacher,
-    folder_lock, in_vocab, load_checkpoint, load_teacher, log_eval,
-    log_step, opt, output_folder, parse_args, positive, probability,
-    recorded_options, resolve_config, restore, save_checkpoint, setup,
-    start_metrics, stop_everywhere, stop_requested, student_model,
-    sums_to, verify_cache, write_cache)
-from model import export_hf, invert_cdf, top_k
+    first_signal, folder_lock, in_vocab, load_checkpoint, load_teacher,
+    log_eval, log_step, opt, output_folder, parse_args, positive,
+    probability, recorded_options, resolve_config, restore,
+    save_checkpoint, setup, signal_flags, start_metrics, stop_requested,
+    student_model, sums_to, verify_cache, write_cache)
+from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
 # config: each field carries its --help text, for the command line
@@ -90,10 +91,9 @@ class Config:
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
-# guardrails.setup(cfg) gives each run its `env`: ddp (under torchrun),
-# rank, world (ranks), master (rank 0), device ('cpu', 'cuda:N'), type
-# ('cpu' or 'cuda'), name (GPU model), dtype, ctx (autocast or nothing)
-# and compile (True or False)
+# guardrails.setup(cfg) gives each run its `env`: ddp (torchrun), rank,
+# world, master (rank 0), device ('cpu', 'cuda:N'), type ('cpu', 'cuda'),
+# name (GPU model), dtype, ctx (autocast or nothing), compile (a bool)
 
 # ---------------------------------------------------------------
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
@@ -105,14 +105,16 @@ def load_split(cfg, split, env, max_seqs=0):
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
     return tokens, (n - 1) // T, V
 
-def get_batch(tokens, seqs, T, env):
-    # x = tokens[s*T : s*T+T], y = the next tokens (x shifted)
-    first = np.asarray(seqs, dtype=np.int64)[:, None] * T
+def get_batch(tokens, seqs, T, env, rows=0):
+    # x = tokens[s*T : s*T+T], y = the next tokens (x shifted). rows: x
+    # padded to that many with the last sequence (one compiled shape)
+    padded = list(seqs) + list(seqs)[-1:] * (rows - len(seqs))
+    first = np.array(padded, dtype=np.int64)[:, None] * T
     xy = tokens[first + np.arange(T + 1)]  # (B, T+1)
     xy = torch.from_numpy(xy.astype(np.int64))
     if env.type == 'cuda':
         xy = xy.pin_memory().to(env.device, non_blocking=True)
-    return xy[:, :-1].to(env.device), xy[:, 1:].to(env.device)
+    return xy[:, :-1].to(env.device), xy[:len(seqs), 1:].to(env.device)
 
 # every random stream is keyed by (seed, purpose, index) and hashed by
 # numpy's SeedSequence: no two seeds share a data order or a sampling stream
@@ -155,12 +157,14 @@ def is_target(probs, cfg, gens):
     proposal = probs.pow(cfg.proposal_temperature)
     target = rs_target(proposal, cfg, gens)
     proposal = proposal.flatten(0, 1)  # (B*T, V), unnormalised
-    # each stored id's position, its q_i (in float64), its t_i
-    pos = torch.arange(len(proposal), device=probs.device)
-    pos = pos.repeat_interleave(target['lengths'].flatten())
-    total = proposal.sum(-1, dtype=torch.float64)[pos]
-    q = proposal[pos, target['ids']] / total
-    t = probs.flatten(0, 1)[pos, target['ids']]
+    # each stored id's position, its q_i (row totals in float64, by
+    # groups as the sampler sums them), its t_i
+    lengths, ids = target['lengths'].flatten(), target['ids']
+    pos = torch.arange(len(lengths), device=ids.device)
+    pos = pos.repeat_interleave(lengths, output_size=len(ids))
+    total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
+    q = proposal[pos, ids] / total[pos]
+    t = probs.flatten(0, 1)[pos, ids]
     target['weights'] = (t / q).float()
     return target
 
@@ -266,8 +270,9 @@ def smooth_kd_loss(logits, ids, t):
     logp = logp_all.gather(-1, ids)
     n_tail = logits.shape[-1] - ids.shape[-1]  # (K = V: none)
     u = (1 - t.sum(-1)).clamp(min=0) / max(n_tail, 1)
-    f64 = torch.float64
-    tail_logp = (logp_all.sum(-1, dtype=f64) - logp.sum(-1, dtype=f64)).float()
+    # (row sums by groups, then float64: no float64 copy of logp_all)
+    total = group_reduce(logp_all, 'sum').sum(-1, dtype=torch.float64)
+    tail_logp = (total - logp.sum(-1, dtype=torch.float64)).float()
     tail = n_tail * torch.xlogy(u, u) - u * tail_logp
     head = (torch.xlogy(t, t) - t * logp).sum(-1)
     return (head + tail).mean()
@@ -284,10 +289,14 @@ def naive_kd_loss(logits, ids, t, targets):
     return sparse_kd_loss(logits, ids, w)
 
 def full_kd_loss(logits, teacher_logits):
-    # KL(t || p) over the whole vocabulary: the upper bound
-    logt = F.log_softmax(teacher_logits.float(), dim=-1)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return (logt.exp() * (logt - logp)).sum(-1).mean()
+    # KL(t || p) over the whole vocabulary, the upper bound: by rows,
+    # each recomputed in the backward, so no (B, T, V) temporaries stay
+    def kl(x, xt):
+        logt = F.log_softmax(xt.float(), dim=-1)
+        return (logt.exp() * (logt - F.log_softmax(x.float(), dim=-1))).sum()
+    rows = by_rows(logits, teacher_logits)
+    total = sum(checkpoint(kl, x, xt, use_reentrant=False) for x, xt in rows)
+    return total / logits.shape[:2].numel()
 
 def ce_loss(logits, targets):
     logits = logits.float().flatten(0, 1)
@@ -312,8 +321,8 @@ OBJECTIVES = dict(
 def seq_generators(seed, seqs, device):
     # a random stream per sequence: the draws do not depend on resume
     # points or ranks (on CUDA the teacher's kernels may depend on shapes)
-    seeds = [stream_seed(seed, SAMPLING, s) for s in seqs]
-    return [torch.Generator(device).manual_seed(s) for s in seeds]
+    return [torch.Generator(device).manual_seed(stream_seed(seed, SAMPLING, s))
+            for s in seqs]
 
 def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # `rounds` draws with replacement from each row of probs (B, T, V),
@@ -329,21 +338,17 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
                            for g in gens])  # (B, T, rounds or 1)
     draws = []
     for p, u in by_rows(probs, uniform):
-        if sampler == 'multinomial':
-            points = 1 - u  # in (0, 1]
-        else:
-            j = torch.arange(1, rounds + 1, device=u.device)
-            points = (j - u) / rounds
+        j = torch.arange(1, rounds + 1, device=u.device)
+        points = 1 - u if sampler == 'multinomial' else (j - u) / rounds
         # their tokens: exact in float64, never one of probability 0
         draws.append(invert_cdf(p, points))
     draws = torch.cat(draws).view(B, T, rounds)
     return draws.sort(-1).values
 
 def by_rows(*xs):
-    # (B, T, ...) tensors -> chunks of (rows, ...). On CPU 128 positions
-    # at a time (a batch's temporaries would page-fault); CUDA: all
-    B, T = xs[0].shape[:2]
-    rows = 128 if xs[0].device.type == 'cpu' else B * T
+    # (B, T, ...) tensors -> chunks of (rows, ...): temporaries of a few
+    # rows, not (B, T, V) ones. CPU: 128 (no page faults); CUDA: 4096
+    rows = 128 if xs[0].device.type == 'cpu' else 4096
     return zip(*(x.flatten(0, 1).split(rows) for x in xs))
 
 def run_lengths(draws):
@@ -351,8 +356,8 @@ def run_lengths(draws):
     # row, then each row's distinct ids with how often each was drawn
     new = torch.ones_like(draws, dtype=torch.bool)
     new[..., 1:] = draws[..., 1:] != draws[..., :-1]  # run starts
-    starts = new.flatten().nonzero().squeeze(1)
-    end = starts.new_tensor([draws.numel()])
+    starts = new.flatten().nonzero().squeeze(1)  # (one host sync)
+    end = torch.full((1,), draws.numel(), device=draws.device)
     counts = torch.diff(starts, append=end)
     return new.sum(-1), draws.flatten()[starts], counts
 
@@ -374,11 +379,11 @@ def pad_rows(lengths, ids, values):
 
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, cfg, env):
-    # a batch's sparse targets, one tensor per file of its format
+    # a batch's sparse targets, one tensor per file of its format (rows
+    # of idx past len(seqs): padding). The softmax overwrites the logits
     with env.ctx:
-        logits = teacher(idx).float()  # (B, T, V)
-    out = logits if env.type == 'cpu' else None  # (CPU: no page faults)
-    probs = torch.softmax(logits, -1, out=out)
+        logits = teacher(idx)[:len(seqs)]
+    probs = torch.softmax(logits, -1, out=logits)
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
     # the target sees only the options meta.json records: none unrecorded
@@ -388,8 +393,7 @@ def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
     teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)
-    if env.compile:
-        teacher = torch.compile(teacher)
+    teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json records what the cache holds, what made it and how far it
     # got. None: the cache is complete; else a writer, .start its resume
@@ -402,10 +406,10 @@ def run_cache(cfg, env, loaded=None):
         seqs = list(range(first, min(first + B, S)))
         part = None  # the last round may leave a rank none
         if seqs:
-            idx = get_batch(tokens, seqs, T, env)[0]
+            idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, cfg, env)
-        # .add: rank 0 appends all ranks' parts in sequence order, commits
-        # (fsync, then meta.json) every commit_seconds
+        # .add: each rank encodes its part; rank 0 appends them in order,
+        # commits (fsync, then meta.json) every commit_seconds
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
@@ -444,27 +448,25 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
     mine = val_seqs[env.rank::env.world]
     for i in range(0, len(mine), cfg.batch_size):
         seqs = mine[i:i + cfg.batch_size]
-        idx, y = get_batch(val, seqs, cfg.block_size, env)
+        idx, y = get_batch(val, seqs, cfg.block_size, env, cfg.batch_size)
         with env.ctx:
-            logits = model(idx)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        nll += F.nll_loss(logp.flatten(0, 1), y.flatten(), reduction='sum')
-        n += y.numel()
-        # ECE = sum_b (n_b / n) |accuracy_b - confidence_b|
-        conf, pred = logp.max(-1)
-        conf = conf.exp().flatten()
-        correct = (pred == y).flatten().float()
-        b = (conf * NBINS).long().clamp(max=NBINS - 1)
-        per_bin = torch.stack([torch.ones_like(conf), conf, correct]).double()
-        bins.scatter_add_(1, b.expand(3, -1), per_bin)
-        if teacher is not None:
-            with env.ctx:
-                logt = teacher(idx).float()
-            logt = F.log_softmax(logt, dim=-1)
-            kl += (logt.exp() * (logt - logp)).sum()
-            # speculative decoding with the student drafting accepts
-            # sum_v min(p, t) = 1 - TV per token
-            accept += torch.minimum(logp.exp(), logt.exp()).sum()
+            logits = model(idx)[:len(seqs)]
+            t_logits = logits if teacher is None else teacher(idx)[:len(seqs)]
+        for x, xt, yy in by_rows(logits, t_logits, y):  # rows at a time
+            logp = F.log_softmax(x.float(), dim=-1)  # (rows, V)
+            nll += F.nll_loss(logp, yy, reduction='sum')
+            n += yy.numel()
+            # ECE = sum_b (n_b / n) |accuracy_b - confidence_b|
+            conf, pred = logp.max(-1)
+            conf, correct = conf.exp(), (pred == yy).float()
+            b = (conf * NBINS).long().clamp(max=NBINS - 1)
+            per_bin = torch.stack([torch.ones_like(conf), conf, correct])
+            bins.scatter_add_(1, b.expand(3, -1), per_bin.double())
+            if teacher is not None:
+                logt = F.log_softmax(xt.float(), dim=-1)
+                kl += (logt.exp() * (logt - logp)).sum()
+                # drafting for the teacher, it accepts sum_v min(p, t)
+                accept += torch.minimum(logp.exp(), logt.exp()).sum()
     sums = dict(nll=nll, n=n, kl=kl, accept=accept, bins=bins)
     if env.ddp:
         for t in sums.values():
@@ -503,11 +505,10 @@ def setup_train(cfg, env, ckpt):
     micro_steps = check_batching(cfg, env.world, S)  # per rank
     # sparse targets come from the cache. The teacher (None if not found)
     # runs for fullkd, or for the metrics kl_teacher and spec_accept
-    meta, reader = None, None
-    if loss in {f['loss'] for f in FORMATS.values()}:
-        meta, reader = open_cache(cfg, loss, tokens, V, env)
+    cached = loss in {f['loss'] for f in FORMATS.values()}
+    meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
-    check_model_size(cfg, V, env)  # before allocating it
+    check_model_size(cfg, V, env, teacher)  # before the student
     torch.manual_seed(stream_seed(cfg.seed, INIT))
     model = student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
     optimizer = model.configure_optimizers(
@@ -539,10 +540,8 @@ def run_train(cfg, env, ckpt=None):
     r = setup_train(cfg, env, ckpt)
     it, optimizer, scaler = r.it, r.optimizer, r.scaler
     model, teacher = r.model, r.teacher  # r.model: the plain model
-    if env.compile:
-        model = torch.compile(model)
-        if teacher is not None:
-            teacher = torch.compile(teacher)
+    if env.compile:  # (and the teacher, if there is one)
+        model, teacher = torch.compile(model), teacher and torch.compile(teacher)
     gpu = [torch.device(env.device).index] if env.type == 'cuda' else None
     train_model = DDP(model, device_ids=gpu) if env.ddp else model
     objective = OBJECTIVES[r.objective]
@@ -569,7 +568,7 @@ def run_train(cfg, env, ckpt=None):
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, train_tokens = it, 0.0, 0
-    lossf, m, batch = None, {}, None
+    lossf, m, batch, flags = None, {}, None, []
     # Ctrl-C or SIGTERM: finish the step, save and stop
     with stop_requested() as stop:
         while True:
@@ -588,7 +587,7 @@ def run_train(cfg, env, ckpt=None):
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
-            if sig := stop_everywhere(stop, env):  # all ranks stop here
+            if sig := first_signal(flags):  # (every rank: the same flags)
                 if env.master:
                     save(it)
                 raise Interrupted(sig, f"saved {ckpt_path} at iter {it}: resume "
@@ -611,14 +610,16 @@ def run_train(cfg, env, ckpt=None):
                 nxt = it * r.micro_steps + micro + 1
                 last = nxt == cfg.max_iters * r.micro_steps
                 batch = None if last else r.fetch(nxt)
-            if env.ddp:  # the mean over ranks (gloo has no AVG)
-                dist.all_reduce(loss_sum)
-                loss_sum /= env.world
+            # one all_reduce for the mean loss (gloo has no AVG) and the
+            # ranks' signals; one host sync, with the gradient norm
+            sums = torch.cat([loss_sum.view(1) / env.world, signal_flags(stop, env)])
+            if env.ddp:
+                dist.all_reduce(sums)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 r.model.parameters(), cfg.grad_clip or math.inf)
-            both = torch.stack([loss_sum, grad_norm.to(loss_sum)])
-            lossf, grad_normf = both.tolist()  # one sync
+            both = torch.cat([sums, grad_norm.view(1).to(sums)])
+            lossf, *flags, grad_normf = both.tolist()
             # never step on a NaN: the checkpoint stays the last good state
             check_finite(it, ckpt_path, lossf, grad_normf, scaler.is_enabled())
             scaler.step(optimizer)

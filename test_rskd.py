@@ -26,7 +26,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import guardrails
 import model
@@ -1037,6 +1036,19 @@ def test_bench_storage_sweep(tmp_path, data, teacher, capsys):
     assert capsys.readouterr().out.count('| rs | ') == 3
 
 
+def test_the_gpu_check_runs_end_to_end_on_cpu(tmp_path, data):
+    # the script whoever next has a GPU runs: its plumbing, at a tiny shape on CPU, without the CUDA tests
+    import bench
+    shutil.copytree(data, tmp_path / 'data')
+    cfg = rskd.Config(out_dir=str(tmp_path), device='cpu', seed=3)
+    tiny = dict(n_layer=1, n_head=2, n_embd=16)
+    bench.run_gpu_check(cfg, rskd.setup(cfg), dict(tiny, block_size=16), tiny, seqs=16, batch=4, steps=2, tests=False)
+    res = json.load(open(tmp_path / 'gpu_check.json'))
+    assert 'cache complete' in res['cache']['last_line'] and 'tok/s' in res['student']['last_line']
+    assert set(res['bench']['cache_ratio_vs_fwd']) >= set(rskd.FORMATS) and res['bench']['teacher_fwd_tok_s'] > 0
+    assert json.load(open(tmp_path / 'gpu-cache' / 'meta.json'))['num_seqs'] == 16
+
+
 # ----------------------------------------------------------------------------- scale out
 
 
@@ -1095,6 +1107,36 @@ def test_ddp_training_and_resume_match_single_process(tmp_path, data, caches):
     m1, m2 = ([json.loads(line) for line in open(tmp_path / d / 'metrics.jsonl')] for d in ('one', 'two'))
     assert [m['iter'] for m in m1] == [m['iter'] for m in m2] == [0, 2, 4]
     assert abs(m1[-1]['val_loss'] - m2[-1]['val_loss']) < 1e-4
+
+
+def test_ddp_one_all_reduce_and_one_host_read_per_step(tmp_path, data, caches):
+    # under torchrun: 4 more steps, 4 more all_reduces (the loss and every rank's signals together) and
+    # 4 more host reads outside the batch fetch, on each rank
+    script = tmp_path / 'counting.py'
+    script.write_text(f"""import atexit, sys, torch
+sys.path.insert(0, {HERE!r})
+import rskd, test_rskd
+from torch import distributed as dist
+reduces, reads = [0], []
+real = dist.all_reduce
+def counted(*a, **k):
+    reduces[0] += 1
+    return real(*a, **k)
+dist.all_reduce = counted
+class Patch:
+    def setattr(self, obj, name, value):
+        setattr(obj, name, value)
+test_rskd.count_host_reads(Patch(), reads)
+atexit.register(lambda: print('COUNTS', reduces[0], len(reads)))
+rskd.main(sys.argv[1:])
+""")
+    counts = []
+    for steps in (2, 6):
+        p = torchrun(2, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', steps,
+                     '--eval_interval', 100, '--log_interval', 100, '--out_dir', tmp_path / f'o{steps}', script=script)
+        counts.append(sorted(tuple(map(int, line.split()[1:])) for line in p.stdout.splitlines() if line.startswith('COUNTS')))
+    for rank in range(2):
+        assert (counts[1][rank][0] - counts[0][rank][0], counts[1][rank][1] - counts[0][rank][1]) == (4, 4), counts
 
 
 def test_hugging_face_teacher(tmp_path, data, capsys):
@@ -1966,6 +2008,96 @@ def test_compile_trains_like_eager(tmp_path, data, caches):
     assert all(abs(a['val_loss'] - b['val_loss']) < 1e-3 for a, b in zip(eager, compiled))
 
 
+def test_a_compiler_that_fails_falls_back_or_stops(tmp_path, data, caches, capsys, monkeypatch):
+    # no working C compiler or Triton: torch.compile fails at the first compiled call. --compile true stops
+    # with one line before anything is written; auto (which compiles on CUDA) goes on uncompiled, saying so
+    def broken(fn, *a, **k):
+        def call(*args, **kwargs):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found in torch._inductor.config")
+        return call
+    monkeypatch.setattr(torch, 'compile', broken)
+    err = fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY,
+               '--out_dir', tmp_path / 'o', '--compile', 'true')
+    assert 'torch.compile fails here (InvalidCxxCompiler' in err and 'use --compile false' in err
+    assert not os.path.exists(tmp_path / 'o')
+    env = SimpleNamespace(device='cpu', master=True)
+    assert guardrails.compile_works(env, 'auto') is False
+    assert 'torch.compile fails here (InvalidCxxCompiler' in capsys.readouterr().out
+
+
+def compiled_graphs(monkeypatch):
+    """torch.compile with the eager backend (fast: dynamo still traces, and recompiles for a new shape);
+    the dynamo counters, reset, whose 'unique_graphs' counts the graphs compiled."""
+    import torch._dynamo
+    real = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, *a, **k: real(fn, backend='eager'))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch._dynamo.utils.counters['stats']
+
+
+def test_a_short_last_batch_is_padded_not_recompiled(tmp_path, data, teacher, caches, monkeypatch):
+    # 13 sequences in batches of 4 end with a batch of 1, padded to 4: no second graph, the same bytes as
+    # the first 13 sequences of a cache made in full batches; the same for a short eval batch
+    stats = compiled_graphs(monkeypatch)
+    run(*cache_args(data, teacher, tmp_path / 'c12', '--max_seqs', 12, '--compile', 'true'))
+    full = stats['unique_graphs']
+    stats = compiled_graphs(monkeypatch)
+    run(*cache_args(data, teacher, tmp_path / 'c13', '--max_seqs', 13, '--compile', 'true'))
+    assert stats['unique_graphs'] == full
+    assert decoded_seqs(tmp_path / 'c13', range(13)) == decoded_seqs(caches['rs'], range(13))
+    # the val split: 5 sequences, evaluated in batches of 4 (a short one of 1), by a compiled student
+    short = write_data(tmp_path / 'd', n_train=20000, n_val=16 * 5 + 1)
+    args = ['--mode', 'train', '--data_dir', short, '--loss', 'ce', *TINY, '--max_iters', 2, '--eval_interval', 2,
+            '--compile', 'true']
+    stats = compiled_graphs(monkeypatch)
+    run(*args, '--out_dir', tmp_path / 'o', '--eval_iters', 1)  # one full val batch of 4
+    one = stats['unique_graphs']
+    stats = compiled_graphs(monkeypatch)
+    run(*args, '--out_dir', tmp_path / 'o2', '--eval_iters', 2)  # 5 sequences: 4, then 1 padded
+    assert stats['unique_graphs'] == one
+
+
+def decoded_seqs(d, seqs):
+    meta = guardrails.read_cache_meta(str(d), rskd.FORMATS)
+    mm = guardrails.cache_memmaps(str(d), meta, rskd.FORMATS)
+    return {k: v.tobytes() for k, v in guardrails.read_rows(mm, meta, rskd.FORMATS, list(seqs)).items()}
+
+
+HOST_READS = ('item', 'tolist', '__bool__', '__float__', '__int__', '__index__')
+
+
+def count_host_reads(monkeypatch, reads):
+    """Each read of a tensor's value by the host (a sync on a GPU) appends its method to reads, unless it
+    reads what lives on the host on a GPU machine too: a batch being fetched (the cache reader's
+    tensors) or the optimizer's step count (AdamW keeps it on the CPU)."""
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, _name=name, **k):
+            frame = sys._getframe(1)
+            while frame and frame.f_code.co_name not in ('fetch', '_get_value'):
+                frame = frame.f_back
+            if frame is None:
+                reads.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+def test_one_host_sync_per_training_step(tmp_path, data, caches, monkeypatch):
+    # two runs that differ by 4 steps and nothing else (the same evals, logs and saves): those 4 steps read
+    # the device 4 times, the loss, gradient norm and signals together
+    counts = []
+    for steps in (2, 6):
+        reads = []
+        with monkeypatch.context() as m:
+            count_host_reads(m, reads)
+            run('--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', steps,
+                '--eval_interval', 100, '--log_interval', 100, '--out_dir', tmp_path / f'o{steps}')
+        counts.append(len(reads))
+    assert counts[1] - counts[0] == 4, counts
+
+
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
 # python -m pytest -q test_rskd.py -k cuda: about 5 minutes on one H200 (all of them skip on a CPU machine)
 
@@ -2001,6 +2133,25 @@ def test_cuda_caches_agree_with_cpu(tmp_path, data, teacher, caches):
     cpu_meta = json.load(open(os.path.join(caches['rs'], 'meta.json')))
     assert meta['device'] == 'cuda' and meta['device_name'] == torch.cuda.get_device_name()
     assert abs(meta['entries'] / cpu_meta['entries'] - 1) < 0.02
+
+
+@cuda
+def test_cuda_one_sync_per_training_step(tmp_path, data, caches):
+    # torch's own sync detector: 4 more steps, 4 more synchronising calls (the one read of loss, gradient
+    # norm and signals); the cache rows are copied in while the GPU works
+    import warnings
+    counts = []
+    for steps in (2, 6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                run('--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--device', 'cuda',
+                    '--max_iters', steps, '--eval_interval', 100, '--log_interval', 100, '--out_dir', tmp_path / f'o{steps}')
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        counts.append(sum('synchroniz' in str(w.message) for w in caught))
+    assert counts[1] - counts[0] <= 4, counts
 
 
 @cuda
