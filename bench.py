@@ -57,11 +57,18 @@ def storages(methods=None):
             for name, compress in ((m, True), (f'{m} plain', False))}
 
 
+def bench_split(cfg, env):
+    """(tokens, S, V): the train split's first --max_seqs sequences (all: 0), at least one batch of them."""
+    tokens, S, V = rskd.load_split(cfg, 'train', env, cfg.max_seqs)
+    if cfg.batch_size > S:
+        die(f"--batch_size {cfg.batch_size} is more than the {S} sequences of {cfg.block_size} tokens in the "
+            f"data{' (--max_seqs)' if cfg.max_seqs else ''}: use a smaller one")
+    return tokens, S, V
+
+
 def run_bench(cfg, env):
-    tokens, S, V = rskd.load_split(cfg, 'train', env)
+    tokens, S, V = bench_split(cfg, env)
     T, B = cfg.block_size, cfg.batch_size
-    if B > S:
-        die(f"--batch_size {B} is more than the {S} sequences of {T} tokens in the data: use a smaller one")
     # the gradient-fidelity student: OUT_DIR/ckpt.pt when there is one (trained, as in the paper)
     student_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     ckpt = load_checkpoint(student_path) if os.path.exists(student_path) else None
@@ -412,7 +419,7 @@ def report_storage(res):
 def run_storage(cfg, env, sweep=(12, 50, 150)):
     """Compressed against plain caches, each ragged format at N = sweep rounds, side by side: bytes per
     entry, caching speed and a training step. Writes OUT_DIR/storage.json."""
-    tokens, S, V = rskd.load_split(cfg, 'train', env)
+    tokens, S, V = bench_split(cfg, env)
     T, B = cfg.block_size, cfg.batch_size
     loaded = load_teacher(cfg.teacher, V, T, env)
     student = fidelity_student(cfg, env, None, V)
@@ -470,7 +477,7 @@ def run_gpu_check(cfg, env, teacher_shape=GPT2_SHAPE, student_shape=STUDENT_SHAP
     if not os.path.exists(f'{out}/data/meta.json'):
         with quiet():
             prepare_data.main(['--out', f'{out}/data'])
-    tokens, S, V = rskd.load_split(replace(cfg, block_size=T), 'train', env)
+    tokens, S, V = bench_split(replace(cfg, block_size=T, batch_size=batch, data_dir=f'{out}/data'), env)
     torch.manual_seed(0)
     teacher = GPT(GPTConfig(vocab_size=V, **teacher_shape))
     optimizer = teacher.configure_optimizers(0.0, 1e-4, (0.9, 0.95), 'cpu')
@@ -514,7 +521,7 @@ def run_gpu_check(cfg, env, teacher_shape=GPT2_SHAPE, student_shape=STUDENT_SHAP
 def run_rounds(cfg, env, sweep=(5, 12, 50, 150), n_seqs=64):
     """Distinct ids per position against the rounds N = 1..255, both samplers, on the first n_seqs
     sequences; and the gradient-fidelity table at the rounds in sweep. Writes OUT_DIR/rounds.json."""
-    tokens, S, V = rskd.load_split(cfg, 'train', env)
+    tokens, S, V = bench_split(cfg, env)
     T, B = cfg.block_size, cfg.batch_size
     teacher, _ = load_teacher(cfg.teacher, V, T, env)
     student_path = os.path.join(cfg.out_dir, 'ckpt.pt')
@@ -706,6 +713,8 @@ def main(argv=None):
         cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
                                 rskd.OBJECTIVES)
         env = setup(cfg)
+        if sub == 'gpu' and env.type != 'cuda':
+            die(f"bench.py gpu is the GPU check: it needs CUDA, and this run's device is {env.device}")
         with folder_lock(output_folder(cfg, env)):
             dict(rounds=run_rounds, storage=run_storage, gpu=run_gpu_check).get(sub, run_bench)(cfg, env)
 

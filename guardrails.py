@@ -39,7 +39,9 @@ RESUME_FIXED = ('mode', 'n_layer', 'n_head', 'n_embd', 'block_size', 'batch_size
                 'gradient_accumulation_steps', 'max_seqs', 'seed', 'loss', 'cache_dir')
 
 def die(msg):
-    """A problem the user can fix: one line, no traceback, exit 1."""
+    """A problem the user can fix: one line, no traceback, exit 1. After a
+    signal, every failure is part of the stop (a load it broke, say)."""
+    still_running()
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(1)
 
@@ -138,6 +140,24 @@ def cache_decides(cfg, args, formats):
         print(f"from {cfg.cache_dir}: " + ', '.join(f"{k} {v}" for k, v in taken.items()))
     return replace(cfg, **taken)
 
+# the ranges of numbers, on the command line and in the files that record them
+RANGES = [('seed', 0, 2 ** 64 - 1, "between 0 and 2**64"),
+          ('rounds', 1, 255, "1..255 (counts are stored as uint8)"),
+          ('proposal_temperature', math.ulp(0), math.inf, "a positive number"),
+          ('vocab_size', 1, 65536, "1..65536 (tokens are uint16)")]
+RANGES += [(n, 1, math.inf, "at least 1") for n in (
+    'batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
+    'n_embd', 'eval_interval', 'eval_iters', 'log_interval', 'k')]
+RANGES += [(n, 0, math.inf, "at least 0") for n in (
+    'max_iters', 'max_seqs', 'alpha', 'learning_rate', 'min_lr', 'warmup_iters',
+    'lr_decay_iters', 'weight_decay', 'grad_clip')]
+
+def out_of_range(values, rules=()):
+    """(name, what it must be) of the first of values outside RANGES, or of
+    the first (name, holds, what) in rules that does not hold; else None."""
+    bad = [(n, what) for n, lo, hi, what in RANGES if n in values and not lo <= values[n] <= hi]
+    return (bad + [(n, what) for n, holds, what in rules if not holds] or [None])[0]
+
 def check_config(cfg, cached_losses):
     """Each option's value: what die() says if it is out of range."""
     for f in fields(cfg):
@@ -151,18 +171,9 @@ def check_config(cfg, cached_losses):
         if not path or (os.path.lexists(path) and not os.path.isdir(path)):
             die(f"--{name} {path!r} is not a folder (a file, a broken link or "
                 f"nothing): pass a folder")
-    rules = [('seed', 0, 2 ** 64 - 1, "between 0 and 2**64"),
-             ('rounds', 1, 255, "1..255 (counts are stored as uint8)"),
-             ('proposal_temperature', math.ulp(0), math.inf, "a positive number")]
-    rules += [(n, 1, math.inf, "at least 1") for n in (
-        'batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
-        'n_embd', 'eval_interval', 'eval_iters', 'log_interval', 'k')]
-    rules += [(n, 0, math.inf, "at least 0") for n in (
-        'max_iters', 'max_seqs', 'alpha', 'learning_rate', 'min_lr', 'warmup_iters',
-        'lr_decay_iters', 'weight_decay', 'grad_clip')]
-    for name, lo, hi, what in rules:
-        if not lo <= getattr(cfg, name) <= hi:
-            die(f"--{name} must be {what}, got {getattr(cfg, name)}")
+    bad = out_of_range(vars(cfg))
+    if bad:
+        die(f"--{bad[0]} must be {bad[1]}, got {getattr(cfg, bad[0])}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
@@ -222,6 +233,7 @@ def compile_works(env, choice):
         if choice == 'true':
             die(f"--compile true, but torch.compile fails here ({first_line(e)[:120]}): "
                 f"use --compile false, or fix the compiler")
+        still_running()  # (a signal broke it, not the compiler)
         if env.master:
             print(f"note: torch.compile fails here ({first_line(e)[:120]}): running uncompiled")
         return False
@@ -312,6 +324,8 @@ def check_fields(d, schema, where, what):
         elif not isinstance(d[k], kind) or (kind is int and isinstance(d[k], bool)):
             die(f"{where}: field '{k}' should be {getattr(kind, '__name__', 'a number')}, "
                 f"found {d[k]!r}")
+        elif isinstance(d[k], (int, float)) and not 0 <= d[k] < math.inf:  # (we write none)
+            die(f"{where}: field '{k}' should be at least 0, found {d[k]!r}: {what}")
 
 @contextmanager
 def replaced(path):
@@ -352,6 +366,11 @@ def check_data(data_dir, split, T, max_seqs, env):
     """(split.bin, tokens to use, vocab size), checked: size, crc32, ids."""
     meta = read_json(os.path.join(data_dir, 'meta.json'), "run prepare_data.py", DATA_META)
     path, V = os.path.join(data_dir, f'{split}.bin'), meta['vocab_size']
+    bad = out_of_range(meta, [('dtype', meta['dtype'] == 'uint16', "uint16"),
+                              ('eot', meta['eot'] < V, "a token id, below vocab_size")])
+    if bad:
+        die(f"{data_dir}/meta.json: {bad[0]} {meta[bad[0]]!r} is out of range ({bad[1]}): "
+            f"it was edited or damaged; run prepare_data.py again")
     need_file(path, "rerun prepare_data.py")
     size = os.path.getsize(path)
     if size != 2 * meta[f'{split}_tokens']:
@@ -838,8 +857,23 @@ def read_cache_meta(cache_dir, formats):
         die(f"{cache_dir} holds no cache of this version of rskd: {fix}")
     if not isinstance(method, str) or method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: {fix}")
-    return check_fields(meta, {**CACHE_META, **check_format(method, formats)['meta']},
-                        path, fix) or meta
+    fmt = check_format(method, formats)
+    check_fields(meta, {**CACHE_META, **fmt['meta']}, path, fix)
+    V = meta['vocab_size']
+    bad = out_of_range(meta, [
+        ('ids_dtype', meta['ids_dtype'] == ids_dtype(V), f"{ids_dtype(V)} for {V} tokens"),
+        ('seqs_done', meta['seqs_done'] <= meta['num_seqs'], "at most num_seqs"),
+        *((per, 1 <= meta[per] <= V, "1 to vocab_size") for per in row_options(fmt))])
+    if bad:
+        die(f"{path}: {bad[0]} {meta[bad[0]]!r} is out of range ({bad[1]}): it was "
+            f"edited or damaged; {fix}")
+    return meta
+
+def ids_dtype(V):  # the cache's token ids
+    return 'uint16' if V <= 65536 else 'int32'
+
+def row_options(fmt):  # the options that set a file's values per position ('k')
+    return {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}
 
 def cache_memmaps(cache_dir, meta, formats, tail_ok=False):
     """The files, mapped, once their sizes match (tail_ok: or run past)."""
@@ -962,12 +996,12 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
     """A CacheWriter (None: complete); a different cache is refused."""
     fmt = check_format(cfg.method, formats)
     check_model_size(cfg, V, env)  # (the teacher is loaded)
-    for per in {per for _, per, _ in fmt['files'].values()} - {'position', 'entry'}:
+    for per in row_options(fmt):
         if not 1 <= getattr(cfg, per) <= V:  # (--k: no more ids than tokens)
             die(f"--{per} must be 1 to the vocabulary size {V}, got {getattr(cfg, per)}")
     meta = dict(format='rskd-cache', version=4, method=cfg.method, vocab_size=V,
                 block_size=cfg.block_size, num_seqs=S, seed=cfg.seed, split=cfg.split,
-                teacher=teacher, data=data, ids_dtype='uint16' if V <= 65536 else 'int32',
+                teacher=teacher, data=data, ids_dtype=ids_dtype(V),
                 dtype=env.dtype, device=env.type, device_name=env.name,
                 batch_size=cfg.batch_size, torch=torch.__version__, compress=cfg.compress,
                 complete=False, seqs_done=0, entries=0, block_bytes=0,
@@ -1119,6 +1153,8 @@ class CacheWriter:
         if self.env.type == 'cuda':
             torch.cuda.synchronize()
         tok_s = (meta['num_seqs'] - self.start) * meta['block_size'] / (time.time() - self.t0)
+        if self.env.master and not meta['complete']:  # (a meta cut off
+            self.commit(meta['seqs_done'])  # after the last batch's data)
         for f in self.handles.values():
             f.close()
         if self.env.master:
@@ -1220,6 +1256,12 @@ INTERRUPTS = []  # signals received: what fails after one is part of the stop
 def interrupt(sig, frame):
     INTERRUPTS.append(sig)
     raise Interrupted(sig)
+
+def still_running():
+    """Raise Interrupted again if a signal came: code that catches every
+    exception calls this before it reports or recovers."""
+    if INTERRUPTS:
+        raise Interrupted(INTERRUPTS[0])
 
 @contextmanager
 def entry_point():

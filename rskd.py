@@ -59,7 +59,7 @@ class Config:
     batch_size: int = opt(16, "sequences per micro-step (cache: per batch)")
     gradient_accumulation_steps: int = opt(1, "micro-steps/step")
     max_iters: int = opt(200, "optimizer steps")
-    lr_decay_iters: int = opt(0, "cosine length (0: max_iters)")
+    lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
     min_lr: float = opt(3e-4, "learning rate at the end")
     warmup_iters: int = opt(20, "linear warmup steps")
@@ -201,9 +201,9 @@ def topk_weights(stored, meta):  # the teacher's own t_i
 #   ragged    its file of entries per position, or None
 #   weights   stored arrays -> (ids, weights), as above
 # The ragged layout: a position's entries follow the previous one's;
-# sequence s's are entries seq_offsets[s] .. seq_offsets[s+1]. On disk
-# (--compress) each sequence's values, in all its files, are one zlib
-# block (README: Cache format); a crc32 checks each sequence.
+# sequence s's are entries seq_offsets[s] .. [s+1]. On disk, by default
+# (--compress), a sequence's values in all its files are one block of
+# deflated bytes (README: Cache format); a crc32 checks each sequence.
 FORMATS = {
     'rs': dict(
         target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
@@ -379,8 +379,8 @@ def pad_rows(lengths, ids, values):
 
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, cfg, env):
-    # a batch's sparse targets, one tensor per file of its format (rows
-    # of idx past len(seqs): padding). The softmax overwrites the logits
+    # a batch's sparse targets, one tensor per file of its format (rows of
+    # idx past len(seqs): padding). The softmax overwrites the float32 logits
     with env.ctx:
         logits = teacher(idx)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)

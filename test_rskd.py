@@ -556,6 +556,20 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
     assert 'nothing to do' in capsys.readouterr().out and files_of(d) == files_of(ref)
 
 
+def test_a_cache_whose_meta_stops_short_of_complete_is_finished_by_a_rerun(tmp_path, data, teacher, caches, capsys):
+    # every sequence committed, but meta.json says incomplete (a writer cut off between the two):
+    # the rerun has nothing to sample, marks the cache complete and leaves its data as it was
+    d = tmp_path / 'c'
+    shutil.copytree(caches['rs'], d)
+    edit_meta(d / 'meta.json', complete=False)
+    run(*cache_args(data, teacher, str(d)))
+    assert 'cache complete' in capsys.readouterr().out
+    assert json.load(open(d / 'meta.json'))['complete']
+    assert files_of(d) == files_of(caches['rs'])
+    run(*cache_args(data, teacher, str(d)))
+    assert 'nothing to do' in capsys.readouterr().out
+
+
 def test_ctrl_c_in_cache_mode_is_one_line_and_resumes(tmp_path, data, teacher, caches):
     args = cache_args(data, teacher, str(tmp_path / 'c'))
     p = subprocess.run([sys.executable, '-c', kill_script('rskd.cache_batch', 3, f"rskd.main({args!r})", signal.SIGINT)],
@@ -1037,16 +1051,35 @@ def test_bench_storage_sweep(tmp_path, data, teacher, capsys):
 
 
 def test_the_gpu_check_runs_end_to_end_on_cpu(tmp_path, data):
-    # the script whoever next has a GPU runs: its plumbing, at a tiny shape on CPU, without the CUDA tests
+    # the script whoever next has a GPU runs: its plumbing, at a tiny shape on CPU, without the CUDA tests,
+    # in its own folder (the data it reads is OUT_DIR/data, not ./data)
     import bench
-    shutil.copytree(data, tmp_path / 'data')
-    cfg = rskd.Config(out_dir=str(tmp_path), device='cpu', seed=3)
+    out = tmp_path / 'check'
+    shutil.copytree(data, out / 'data')
+    cfg = rskd.Config(out_dir=str(out), device='cpu', seed=3)
     tiny = dict(n_layer=1, n_head=2, n_embd=16)
     bench.run_gpu_check(cfg, rskd.setup(cfg), dict(tiny, block_size=16), tiny, seqs=16, batch=4, steps=2, tests=False)
-    res = json.load(open(tmp_path / 'gpu_check.json'))
+    res = json.load(open(out / 'gpu_check.json'))
     assert 'cache complete' in res['cache']['last_line'] and 'tok/s' in res['student']['last_line']
     assert set(res['bench']['cache_ratio_vs_fwd']) >= set(rskd.FORMATS) and res['bench']['teacher_fwd_tok_s'] > 0
-    assert json.load(open(tmp_path / 'gpu-cache' / 'meta.json'))['num_seqs'] == 16
+    assert json.load(open(out / 'gpu-cache' / 'meta.json'))['num_seqs'] == 16
+    assert not os.path.exists(tmp_path / 'data')
+
+
+@pytest.mark.parametrize('sub', ['', 'rounds', 'storage'])
+def test_the_bench_scripts_refuse_a_batch_bigger_than_the_data(sub, tmp_path, data, teacher, capsys):
+    # every bench reads --max_seqs sequences at most, and needs one batch of them; the GPU check needs CUDA
+    import bench
+    args = [*([sub] if sub else []), '--data_dir', data, '--teacher', teacher, '--out_dir', str(tmp_path), *TINY]
+    for extra, said in ((['--max_seqs', 3], 'is more than the 3 sequences'), (['--batch_size', 10 ** 6], 'is more than')):
+        with pytest.raises(SystemExit) as e:
+            bench.main([str(a) for a in (*args, *extra)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith('error: --batch_size') and said in err and err.count('\n') == 1, err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main(['gpu', '--out_dir', str(tmp_path)])
+        assert capsys.readouterr().err.startswith('error: bench.py gpu is the GPU check: it needs CUDA')
 
 
 # ----------------------------------------------------------------------------- scale out
@@ -1113,7 +1146,7 @@ def test_ddp_one_all_reduce_and_one_host_read_per_step(tmp_path, data, caches):
     # under torchrun: 4 more steps, 4 more all_reduces (the loss and every rank's signals together) and
     # 4 more host reads outside the batch fetch, on each rank
     script = tmp_path / 'counting.py'
-    script.write_text(f"""import atexit, sys, torch
+    script.write_text(f"""import os, sys, torch
 sys.path.insert(0, {HERE!r})
 import rskd, test_rskd
 from torch import distributed as dist
@@ -1127,14 +1160,15 @@ class Patch:
     def setattr(self, obj, name, value):
         setattr(obj, name, value)
 test_rskd.count_host_reads(Patch(), reads)
-atexit.register(lambda: print('COUNTS', reduces[0], len(reads)))
 rskd.main(sys.argv[1:])
+with open(sys.argv[sys.argv.index('--out_dir') + 1] + '/counts' + os.environ['RANK'], 'w') as f:
+    f.write(f'{{reduces[0]}} {{len(reads)}}')
 """)
     counts = []
-    for steps in (2, 6):
-        p = torchrun(2, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', steps,
+    for steps in (2, 6):  # each rank writes its counts to a file of its own (stdout is shared by the ranks)
+        torchrun(2, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', steps,
                      '--eval_interval', 100, '--log_interval', 100, '--out_dir', tmp_path / f'o{steps}', script=script)
-        counts.append(sorted(tuple(map(int, line.split()[1:])) for line in p.stdout.splitlines() if line.startswith('COUNTS')))
+        counts.append([[int(n) for n in (tmp_path / f'o{steps}' / f'counts{r}').read_text().split()] for r in range(2)])
     for rank in range(2):
         assert (counts[1][rank][0] - counts[0][rank][0], counts[1][rank][1] - counts[0][rank][1]) == (4, 4), counts
 
@@ -1305,6 +1339,37 @@ def bad_inputs(tmp, data, teacher, caches):
         'resume with another batch_size': (lambda: (run(*train, '--loss', 'ce', '--teacher', 'none'), [*train, '--resume', 'true', '--batch_size', 8])[1],
                                            'a resumed run keeps its batch_size'),
     }
+
+
+EDITED_META = {  # meta.json values that no run writes, re-checksummed, as a buggy writer or a hand edit leaves them
+    'cache': [dict(rounds=0), dict(rounds=256), dict(entries=-5), dict(num_seqs=-1), dict(seqs_done=10 ** 6),
+              dict(ids_dtype='float64'), dict(ids_dtype='nonsense'), dict(block_size=0), dict(vocab_size=0),
+              dict(seed=-1), dict(data=dict(path='x', n_tokens=-3, sha256='0')), dict(block_bytes=-1)],
+    'topk': [dict(k=0), dict(k=10 ** 9), dict(k=-2)],
+    'data': [dict(train_tokens=-1), dict(vocab_size=0), dict(vocab_size=70000), dict(eot=-1), dict(eot=10 ** 6),
+             dict(dtype='float32'), dict(val_docs=-2)],
+}
+
+
+@pytest.mark.parametrize('case', [(kind, i) for kind, edits in EDITED_META.items() for i in range(len(edits))])
+@pytest.mark.parametrize('mode', ['train', 'verify', 'cache'])
+def test_a_meta_with_values_no_run_writes_is_refused(case, mode, tmp_path, data, teacher, caches, capsys):
+    # one rule for every file read back: its checksum, its fields' types, then their ranges; whichever run
+    # reads it (training, verify, a resumed cache) stops with one line and touches nothing
+    kind, i = case
+    d = tmp_path / ('data' if kind == 'data' else 'cache')
+    shutil.copytree(data if kind == 'data' else caches['topk' if kind == 'topk' else 'rs'], d)
+    edit_meta(d / 'meta.json', **EDITED_META[kind][i])
+    data_dir, cache_dir = (d, caches['rs']) if kind == 'data' else (data, d)
+    if mode == 'cache' and kind != 'data':
+        edit_meta(d / 'meta.json', complete=False)  # a resume reads it
+    method = ['--method', 'topk', '--k', json.load(open(caches['topk'] + '/meta.json'))['k']] if kind == 'topk' else []
+    argv = {'train': ['--mode', 'train', '--out_dir', tmp_path / 'o'], 'verify': ['--mode', 'verify'],
+            'cache': ['--mode', 'cache', '--teacher', teacher, *method]}[mode]
+    before = files_of(d)
+    fail(capsys, *argv, '--data_dir', data_dir, '--cache_dir', cache_dir if mode != 'cache' or kind != 'data' else tmp_path / 'c',
+         *TINY)
+    assert files_of(d) == before
 
 
 LOCKS = []  # the lock files that bad_inputs' 'in use' cases hold
@@ -1847,6 +1912,24 @@ def test_signals_exit_128_plus_their_number_and_resume_exactly(sig, tmp_path, da
     assert p.returncode == 128 + sig and p.stderr.count('\n') == 1, p.stderr
     run(*cache)
     assert files_of(tmp_path / 'c') == files_of(caches['rs'])
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('where', ['teacher load', 'resume load', 'compile probe'])
+def test_a_signal_inside_code_that_catches_every_error_is_still_a_stop(sig, where, tmp_path, data, teacher, caches):
+    # loads and the compiler probe turn any exception into an error line; one that a signal raised
+    # exits 128 + signal as an interrupt (not "not a valid checkpoint", not a compiler note)
+    out = tmp_path / 'o'
+    if where == 'resume load':
+        run(*train_args(data, caches, out, '--max_iters', 2))
+    args = {'teacher load': cache_args(data, teacher, tmp_path / 'c'),
+            'resume load': train_args(data, caches, out, '--max_iters', 4, '--resume', 'true'),
+            'compile probe': train_args(data, caches, out, '--compile', 'true')}[where]
+    target = 'torch.compile' if where == 'compile probe' else 'torch.load'
+    p = subprocess.run([sys.executable, '-c', kill_script(target, 1, f"rskd.main({[str(a) for a in args]!r})", sig)],
+                       capture_output=True, text=True, env=child_env())
+    assert p.returncode == 128 + sig and p.stderr.startswith(f"interrupted ({sig.name})"), p.stderr
+    assert p.stderr.count('\n') == 1 and 'note:' not in p.stdout, p.stdout + p.stderr
 
 
 def test_prepare_data_guard_rails(tmp_path, caches, capsys, monkeypatch):
