@@ -299,8 +299,7 @@ def full_kd_loss(logits, teacher_logits):
     return total / logits.shape[:2].numel()
 
 def ce_loss(logits, targets):
-    logits = logits.float().flatten(0, 1)
-    return F.cross_entropy(logits, targets.flatten())
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 # The student's objectives, by --loss (or --topk_tail): each is f(logits,
 # batch). The batch holds idx and targets (B, T); ids and w (B, T, K), the
@@ -378,12 +377,13 @@ def pad_rows(lengths, ids, values):
 # cache mode: run the teacher once, store its sparse targets
 
 @torch.no_grad()
-def cache_batch(teacher, idx, seqs, cfg, env):
+def cache_batch(teacher, idx, seqs, V, cfg, env):
     # a batch's sparse targets, one tensor per file of its format (rows of
-    # idx past len(seqs): padding). The softmax overwrites the float32 logits
+    # idx past len(seqs): padding). Softmax in place over float32 logits
+    # whose padded vocabulary is -inf: it gets exactly 0
     with env.ctx:
-        logits = teacher(idx)[:len(seqs)]
-    probs = torch.softmax(logits, -1, out=logits)
+        logits = teacher(idx, padded=True)[:len(seqs)]
+    probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
     # the target sees only the options meta.json records: none unrecorded
@@ -407,15 +407,15 @@ def run_cache(cfg, env, loaded=None):
         part = None  # the last round may leave a rank none
         if seqs:
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
-            part = cache_batch(teacher, idx, seqs, cfg, env)
+            part = cache_batch(teacher, idx, seqs, V, cfg, env)
         # .add: each rank encodes its part; rank 0 appends them in order,
         # commits (fsync, then meta.json) every commit_seconds
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
-    # (meta, reader): reader(seqs) gives a batch's sparse targets (ids, w),
-    # each (B, T, K), checked first (bench.py times checked=False too)
+    # (meta, reader), refused unless the cache trains `loss`. reader(seqs):
+    # a batch's sparse targets (ids, w), each (B, T, K), checked first
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
@@ -516,7 +516,7 @@ def setup_train(cfg, env, ckpt):
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
     # exact resume: weights, moments, scaler, RNG, step; the same inputs
-    inputs = dict(cache=meta and meta['identity'], teacher=about,
+    inputs = dict(cache=meta and meta['identity'], teacher=about,  # (path, sha)
                   data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
     it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg)
@@ -536,7 +536,7 @@ def setup_train(cfg, env, ckpt):
         teacher=teacher, model=model, optimizer=optimizer, scaler=scaler, it=it,
         best=best, inputs=inputs, val=val, val_seqs=val_seqs)
 
-def run_train(cfg, env, ckpt=None):
+def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     r = setup_train(cfg, env, ckpt)
     it, optimizer, scaler = r.it, r.optimizer, r.scaler
     model, teacher = r.model, r.teacher  # r.model: the plain model
@@ -621,7 +621,7 @@ def run_train(cfg, env, ckpt=None):
             both = torch.cat([sums, grad_norm.view(1).to(sums)])
             lossf, *flags, grad_normf = both.tolist()
             # never step on a NaN: the checkpoint stays the last good state
-            check_finite(it, ckpt_path, lossf, grad_normf, scaler.is_enabled())
+            check_finite(it, ckpt_path, lossf, grad_normf, scaled=scaler.is_enabled())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -308,6 +308,15 @@ def test_model_shapes_and_padding():
         opt.step()
         opt.zero_grad()
     assert model.lm_head.weight[V:].abs().sum() == 0
+    # the cache's teacher: every padded column at -inf, so a softmax in place over the aligned rows gives
+    # the padding exactly 0 and the real columns t itself
+    teacher = model.to_teacher('float32')
+    with torch.no_grad():
+        full = teacher(idx, padded=True)
+        assert full.shape == (3, 16, 128) and torch.isneginf(full[..., V:]).all()
+        probs = torch.softmax(full, -1, out=full)
+        assert (probs[..., V:] == 0).all()
+        torch.testing.assert_close(probs[..., :V], torch.softmax(teacher(idx), -1), rtol=1e-6, atol=0)
 
 
 def test_teacher_training_lowers_loss(teacher):
