@@ -238,10 +238,24 @@ def sparse_kd_loss(logits, ids, w):
     # - importance weights: (sum w) p - w, still p - t on average
     # - Top-K: w = the top K t_i, so (sum_K t) p - t_K: biased.
     # With sum w != 1 it is no KL, and can be < 0. Padding: w = 0
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    logp = logp.gather(-1, ids)  # (B, T, K)
+    logp = F.log_softmax(logits.float(), -1).gather(-1, ids)  # (B, T, K)
     return (torch.xlogy(w, w) - w * logp).sum(-1).mean()
 
+def full_kd_loss(logits, teacher_logits):
+    # KL(t || p) over the whole vocabulary, the upper bound: by rows,
+    # each recomputed in the backward, so no (B, T, V) temporaries stay
+    def kl(x, xt):
+        logt = F.log_softmax(xt.float(), dim=-1)
+        return (logt.exp() * (logt - F.log_softmax(x.float(), dim=-1))).sum()
+    rows = by_rows(logits, teacher_logits)
+    total = sum(checkpoint(kl, x, xt, use_reentrant=False) for x, xt in rows)
+    return total / logits.shape[:2].numel()
+
+def ce_loss(logits, targets):
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+# Top-K's remedies for the tail it drops (--topk_tail, the paper's
+# baselines): ghost, smooth and naive put its mass 1 - T_K somewhere
 def ghost_kd_loss(logits, ids, t):
     # the top K plus one "ghost" bucket for the rest of the mass, with
     # T_K = sum_K t and P_K = sum_K p:
@@ -254,9 +268,8 @@ def ghost_kd_loss(logits, ids, t):
     lowest = torch.finfo(torch.float32).min
     tail_logp = logp_all.scatter(-1, ids, lowest)
     log_tail_p = torch.logsumexp(tail_logp, dim=-1)
-    tail_t = (1 - t.sum(-1)).clamp(min=0)
-    if ids.shape[-1] == logits.shape[-1]:  # K = V: fp16 rounding is no
-        tail_t = torch.zeros_like(tail_t)  # tail mass
+    has_tail = ids.shape[-1] < logits.shape[-1]  # (K = V: 1 - T_K is
+    tail_t = (1 - t.sum(-1)).clamp(min=0) * has_tail  # fp16 rounding)
     tail = torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p
     head = (torch.xlogy(t, t) - t * logp).sum(-1)
     return (head + tail).mean()
@@ -269,7 +282,7 @@ def smooth_kd_loss(logits, ids, t):
     logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     logp = logp_all.gather(-1, ids)
     n_tail = logits.shape[-1] - ids.shape[-1]  # (K = V: none)
-    u = (1 - t.sum(-1)).clamp(min=0) / max(n_tail, 1)
+    u = (1 - t.sum(-1)).clamp(min=0) * (n_tail > 0) / max(n_tail, 1)
     # (row sums by groups, then float64: no float64 copy of logp_all)
     total = group_reduce(logp_all, 'sum').sum(-1, dtype=torch.float64)
     tail_logp = (total - logp.sum(-1, dtype=torch.float64)).float()
@@ -287,19 +300,6 @@ def naive_kd_loss(logits, ids, t, targets):
     w = torch.cat([t + rest * hit, rest * missed], -1)
     ids = torch.cat([ids, label], -1)
     return sparse_kd_loss(logits, ids, w)
-
-def full_kd_loss(logits, teacher_logits):
-    # KL(t || p) over the whole vocabulary, the upper bound: by rows,
-    # each recomputed in the backward, so no (B, T, V) temporaries stay
-    def kl(x, xt):
-        logt = F.log_softmax(xt.float(), dim=-1)
-        return (logt.exp() * (logt - F.log_softmax(x.float(), dim=-1))).sum()
-    rows = by_rows(logits, teacher_logits)
-    total = sum(checkpoint(kl, x, xt, use_reentrant=False) for x, xt in rows)
-    return total / logits.shape[:2].numel()
-
-def ce_loss(logits, targets):
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 # The student's objectives, by --loss (or --topk_tail): each is f(logits,
 # batch). The batch holds idx and targets (B, T); ids and w (B, T, K), the
