@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-from guardrails import (
+from guardrails import (  # checks, files, locks, signals: no method
     Interrupted, ascending, at_least_1, cache_reader, check_batching,
     check_data, check_finite, check_model_size, data_fingerprint,
     ddp_teardown, descending, die, entry_point, find_teacher,
@@ -38,7 +38,7 @@ from guardrails import (
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
-# config: each field carries its --help text, for the command line
+# config: each field is opt(default, --help text, choices)
 
 @dataclass
 class Config:
@@ -99,7 +99,7 @@ TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S sequences, V), after checking sizes and ids < V
+    # (tokens, S sequences, V from meta.json), sizes and ids < V checked
     T = cfg.block_size
     path, n, V = check_data(cfg.data_dir, split, T, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
@@ -157,8 +157,8 @@ def is_target(probs, cfg, gens):
     proposal = probs.pow(cfg.proposal_temperature)
     target = rs_target(proposal, cfg, gens)
     proposal = proposal.flatten(0, 1)  # (B*T, V), unnormalised
-    # each stored id's position, its q_i (row totals in float64, by
-    # groups as the sampler sums them), its t_i
+    # each stored id's position, its q_i (row totals in float64, summed
+    # by groups as the sampler's CDF sums them), its t_i
     lengths, ids = target['lengths'].flatten(), target['ids']
     pos = torch.arange(len(lengths), device=ids.device)
     pos = pos.repeat_interleave(lengths, output_size=len(ids))
@@ -177,7 +177,7 @@ def topk_target(probs, cfg, gens):
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
 
-# stored: a batch's arrays, file name -> tensor (ids int64) -> (ids, w)
+# weights: a batch's stored arrays {file name: tensor} -> (ids, w)
 def rs_weights(stored, meta):  # t^s = c / N
     return stored['ids'], stored['counts'] / meta['rounds']
 
@@ -503,8 +503,8 @@ def setup_train(cfg, env, ckpt):
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
     micro_steps = check_batching(cfg, env.world, S)  # per rank
-    # sparse targets come from the cache. The teacher (None if not found)
-    # runs for fullkd, or for the metrics kl_teacher and spec_accept
+    # sparse targets come from the cache. The teacher (the cache's, else
+    # --teacher, else None) runs for fullkd and kl_teacher, spec_accept
     cached = loss in {f['loss'] for f in FORMATS.values()}
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
