@@ -99,7 +99,7 @@ TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S sequences, V from meta.json), sizes and ids < V checked
+    # (tokens, S sequences, V from data/meta.json), ids < V checked
     T = cfg.block_size
     path, n, V = check_data(cfg.data_dir, split, T, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
@@ -268,8 +268,8 @@ def ghost_kd_loss(logits, ids, t):
     lowest = torch.finfo(torch.float32).min
     tail_logp = logp_all.scatter(-1, ids, lowest)
     log_tail_p = torch.logsumexp(tail_logp, dim=-1)
-    has_tail = ids.shape[-1] < logits.shape[-1]  # (K = V: 1 - T_K is
-    tail_t = (1 - t.sum(-1)).clamp(min=0) * has_tail  # fp16 rounding)
+    has_tail = ids.shape[-1] < logits.shape[-1]  # K < V
+    tail_t = (1 - t.sum(-1)).clamp(min=0) * has_tail  # (K = V: 0, not fp16 noise)
     tail = torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p
     head = (torch.xlogy(t, t) - t * logp).sum(-1)
     return (head + tail).mean()
@@ -409,7 +409,7 @@ def run_cache(cfg, env, loaded=None):
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
         # .add: each rank encodes its part; rank 0 appends them in order,
-        # commits (fsync, then meta.json) every commit_seconds
+        # commits (fsync, then meta.json) at most every commit_seconds
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
