@@ -313,7 +313,9 @@ def read_json(path, what, schema=None):
         d = checked_json(f.read(), path, what)
     return check_fields(d, schema, path, what) or d if schema else d
 
-def check_fields(d, schema, where, what):
+def check_fields(d, schema, where, what, signed=()):
+    """d holds exactly schema's fields, of their types; numbers finite,
+    and at least 0 but for the names in signed (a format's options)."""
     if not isinstance(d, dict) or set(d) != set(schema):
         have = set(d) if isinstance(d, dict) else set()
         die(f"{where}: missing fields {sorted(set(schema) - have)}, unexpected fields "
@@ -324,8 +326,10 @@ def check_fields(d, schema, where, what):
         elif not isinstance(d[k], kind) or (kind is int and isinstance(d[k], bool)):
             die(f"{where}: field '{k}' should be {getattr(kind, '__name__', 'a number')}, "
                 f"found {d[k]!r}")
-        elif isinstance(d[k], (int, float)) and not 0 <= d[k] < math.inf:  # (we write none)
-            die(f"{where}: field '{k}' should be at least 0, found {d[k]!r}: {what}")
+        elif isinstance(d[k], (int, float)) and not (
+                math.isfinite(d[k]) and (d[k] >= 0 or k in signed)):  # (we write none)
+            die(f"{where}: field '{k}' should be a finite number"
+                f"{'' if k in signed else ' of at least 0'}, found {d[k]!r}: {what}")
 
 @contextmanager
 def replaced(path):
@@ -858,7 +862,7 @@ def read_cache_meta(cache_dir, formats):
     if not isinstance(method, str) or method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: {fix}")
     fmt = check_format(method, formats)
-    check_fields(meta, {**CACHE_META, **fmt['meta']}, path, fix)
+    check_fields(meta, {**CACHE_META, **fmt['meta']}, path, fix, signed=fmt['meta'])
     V = meta['vocab_size']
     bad = out_of_range(meta, [
         ('ids_dtype', meta['ids_dtype'] == ids_dtype(V), f"{ids_dtype(V)} for {V} tokens"),
@@ -1153,8 +1157,8 @@ class CacheWriter:
         if self.env.type == 'cuda':
             torch.cuda.synchronize()
         tok_s = (meta['num_seqs'] - self.start) * meta['block_size'] / (time.time() - self.t0)
-        if self.env.master and not meta['complete']:  # (a meta cut off
-            self.commit(meta['seqs_done'])  # after the last batch's data)
+        if self.env.master and not meta['complete']:  # (every sequence in,
+            self.commit(meta['seqs_done'])  # but a meta edited or older)
         for f in self.handles.values():
             f.close()
         if self.env.master:

@@ -79,7 +79,8 @@ class GPTConfig:
     @property
     def padded_vocab_size(self):
         # the embedding table is padded to a multiple of 64 for fast GPU matmuls. The extra rows are
-        # never a token: forward() drops their logits before anything can take a softmax over them.
+        # never a token: forward() drops their logits (padded=True: sets them to -inf), so that no
+        # softmax gives them probability.
         return (self.vocab_size + 63) // 64 * 64
 
 

@@ -396,7 +396,7 @@ def run_cache(cfg, env, loaded=None):
     teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json records what the cache holds, what made it and how far it
-    # got. None: the cache is complete; else a writer, .start its resume
+    # got. None: complete; else a writer (.start: the first sequence to do)
     cache = write_cache(cfg, env, FORMATS, S, V, about, data)
     if cache is None:
         return None

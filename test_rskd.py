@@ -566,7 +566,7 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
 
 
 def test_a_cache_whose_meta_stops_short_of_complete_is_finished_by_a_rerun(tmp_path, data, teacher, caches, capsys):
-    # every sequence committed, but meta.json says incomplete (a writer cut off between the two):
+    # every sequence committed, but meta.json says incomplete (hand-edited, or left by an older writer):
     # the rerun has nothing to sample, marks the cache complete and leaves its data as it was
     d = tmp_path / 'c'
     shutil.copytree(caches['rs'], d)
@@ -859,6 +859,22 @@ def test_a_copied_entry_works_under_a_new_name(tmp_path, data, teacher, monkeypa
     run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY,
         '--max_seqs', 64, '--max_iters', 2, '--eval_interval', 2, '--out_dir', tmp_path / 'o')
     assert [json.loads(line)['iter'] for line in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 2]
+
+
+def test_a_formats_own_option_may_be_negative(tmp_path, data, teacher, monkeypatch):
+    # the guard rails range-check the options they know (RANGES); a fork's own option may be any finite
+    # number. Here commit_seconds stands in for one, recorded by the entry (-1: commit every batch)
+    entry = dict(rskd.FORMATS['rs'], meta=dict(rskd.FORMATS['rs']['meta'], commit_seconds=float))
+    monkeypatch.setitem(rskd.FORMATS, 'rs_signed', entry)
+    args = cache_args(data, teacher, tmp_path / 'c', '--method', 'rs_signed', '--max_seqs', 16, '--commit_seconds', -1)
+    run(*args)
+    assert json.load(open(tmp_path / 'c' / 'meta.json'))['commit_seconds'] == -1
+    run('--mode', 'verify', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY)
+    run(*args)  # read back for a resume: complete, nothing to do
+    assert TINY[-2] == '--commit_seconds'  # (training takes it from the cache)
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', '--teacher', teacher, *TINY[:-2],
+        '--max_seqs', 16, '--max_iters', 1, '--eval_interval', 1, '--out_dir', tmp_path / 'o')
+    assert [json.loads(line)['iter'] for line in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 1]
 
 
 def top1_target(probs, cfg, gens):
