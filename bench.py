@@ -32,14 +32,14 @@ import time
 from dataclasses import asdict, replace
 from types import SimpleNamespace
 
+from guardrails import (cache_files, checked_json, die, entry_point, folder_lock, load_checkpoint, load_teacher,
+                        output_folder, parse_args, read_cache_meta, read_json, recorded_options, resolve_config,
+                        save_checkpoint, setup, write_json)  # first (before torch)
 import numpy as np
 import torch
 
 import prepare_data
 import rskd
-from guardrails import (cache_files, checked_json, die, entry_point, folder_lock, load_checkpoint, load_teacher,
-                        output_folder, parse_args, read_cache_meta, read_json, recorded_options, resolve_config,
-                        save_checkpoint, setup, write_json)
 from model import GPT, GPTConfig
 
 TAILS = ('ghost', 'smooth', 'naive')  # Top-K with a remedy for its leftover mass

@@ -4,7 +4,8 @@ the command line and its checks, the run's environment, one integrity
 rule (every file rskd writes records the crc32 of its contents, and
 every read checks it before use), atomic writes, checkpoint, teacher
 and cache I/O (as each rskd.FORMATS entry describes its files), one
-lock per output folder, and one error boundary per entry point.
+lock per output folder, and one error boundary per entry point (and a
+Ctrl-C while the modules load is one line too).
 
 A problem the user can fix calls die(): one line, what to do, exit 1.
 """
@@ -27,11 +28,24 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, field, fields, replace
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-import torch.distributed as dist
+def interrupted_while_starting(sig, frame):
+    """Ctrl-C in the second or two before entry_point, while torch loads:
+    one line, not Python's traceback; nothing was done yet."""
+    print(f"interrupted ({signal.Signals(sig).name}) while starting: nothing "
+          f"was done", file=sys.stderr, flush=True)
+    os._exit(128 + sig)
 
-from model import GPT, GPTConfig
+# for the scripts beside this file, which import it before torch; not for
+# a program that imports them (pytest, a notebook): it keeps its own
+MAIN = getattr(sys.modules['__main__'], '__file__', None)
+if MAIN and os.path.dirname(os.path.realpath(MAIN)) == os.path.dirname(os.path.realpath(__file__)):
+    signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import numpy as np  # noqa: E402 (after the handler)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
 
 HF_TEACHERS = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')
 # a resumed run keeps these, or its data order or model would change

@@ -17,9 +17,8 @@ import time
 import zlib
 from contextlib import ExitStack
 
+from guardrails import die, dumps, entry_point, folder_lock, replaced  # first (before numpy, torch)
 import numpy as np
-
-from guardrails import die, dumps, entry_point, folder_lock, replaced
 
 EXTENSIONS = ('.txt', '.md', '.py', '.jsonl')
 OWN = ('train.bin', 'val.bin', 'meta.json')  # all that --out may hold

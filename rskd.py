@@ -19,13 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
-
+# the guard rails first: a Ctrl-C while torch loads is then one line
 from guardrails import (  # checks, files, locks, signals: no method
     Interrupted, ascending, at_least_1, cache_reader, check_batching,
     check_data, check_finite, check_model_size, data_fingerprint,
@@ -35,6 +29,13 @@ from guardrails import (  # checks, files, locks, signals: no method
     probability, recorded_options, resolve_config, restore,
     save_checkpoint, setup, signal_flags, start_metrics, stop_requested,
     student_model, sums_to, verify_cache, write_cache)
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -109,9 +110,8 @@ def get_batch(tokens, seqs, T, env, rows=0):
     # x = tokens[s*T : s*T+T], y = the next tokens (x shifted). rows: x
     # padded to that many with the last sequence (one compiled shape)
     padded = list(seqs) + list(seqs)[-1:] * (rows - len(seqs))
-    first = np.array(padded, dtype=np.int64)[:, None] * T
-    xy = tokens[first + np.arange(T + 1)]  # (B, T+1)
-    xy = torch.from_numpy(xy.astype(np.int64))
+    first = np.array(padded, dtype=np.int64)[:, None] * T  # (B, 1)
+    xy = torch.from_numpy(tokens[first + np.arange(T + 1)].astype(np.int64))
     if env.type == 'cuda':
         xy = xy.pin_memory().to(env.device, non_blocking=True)
     return xy[:, :-1].to(env.device), xy[:len(seqs), 1:].to(env.device)

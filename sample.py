@@ -13,9 +13,9 @@ import os
 import sys
 from types import SimpleNamespace
 
+from guardrails import die, entry_point, load_checkpoint, setup  # first (before torch)
 import torch
 
-from guardrails import die, entry_point, load_checkpoint, setup
 from model import GPT
 
 

@@ -579,6 +579,25 @@ def test_a_cache_whose_meta_stops_short_of_complete_is_finished_by_a_rerun(tmp_p
     assert 'nothing to do' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('script', ['rskd.py', 'bench.py', 'sample.py', 'prepare_data.py'])
+def test_ctrl_c_while_the_modules_load_is_one_line(script, tmp_path):
+    # torch takes a second or two to import, before any entry point runs: a Ctrl-C then is one line and
+    # exit 130, not Python's traceback. A stand-in numpy that hangs holds the script inside its imports,
+    # just past the guard rails' (each script imports them first)
+    loading = tmp_path / 'loading'
+    (tmp_path / 'numpy.py').write_text(f"open({str(loading)!r}, 'w').close()\nimport time\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, script)], cwd=tmp_path, text=True,
+                         env=child_env(PYTHONPATH=str(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not loading.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (130, "interrupted (SIGINT) while starting: nothing was done\n"), err
+    # a program that imports the modules (pytest here) keeps its own Ctrl-C
+    assert signal.getsignal(signal.SIGINT) is not guardrails.interrupted_while_starting
+
+
 def test_ctrl_c_in_cache_mode_is_one_line_and_resumes(tmp_path, data, teacher, caches):
     args = cache_args(data, teacher, str(tmp_path / 'c'))
     p = subprocess.run([sys.executable, '-c', kill_script('rskd.cache_batch', 3, f"rskd.main({args!r})", signal.SIGINT)],
