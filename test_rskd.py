@@ -1211,7 +1211,7 @@ with open(sys.argv[sys.argv.index('--out_dir') + 1] + '/counts' + os.environ['RA
     counts = []
     for steps in (2, 6):  # each rank writes its counts to a file of its own (stdout is shared by the ranks)
         torchrun(2, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', steps,
-                     '--eval_interval', 100, '--log_interval', 100, '--out_dir', tmp_path / f'o{steps}', script=script)
+                 '--eval_interval', 100, '--log_interval', 100, '--out_dir', tmp_path / f'o{steps}', script=script)
         counts.append([[int(n) for n in (tmp_path / f'o{steps}' / f'counts{r}').read_text().split()] for r in range(2)])
     for rank in range(2):
         assert (counts[1][rank][0] - counts[0][rank][0], counts[1][rank][1] - counts[0][rank][1]) == (4, 4), counts
