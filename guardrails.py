@@ -22,6 +22,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import zlib
 from contextlib import contextmanager, nullcontext
@@ -1041,6 +1042,20 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
             return None
     return CacheWriter(cfg, env, meta, formats)
 
+COMMIT = 'rskd-commit'  # the cache's writing thread (folder_lock waits for it)
+
+def gather_bytes(part, env):
+    """Every rank's byte array on rank 0, in rank order ([] elsewhere):
+    tensors padded to the longest, not pickles; nccl's on the GPU."""
+    mine = torch.from_numpy(np.concatenate([np.array([len(part)], np.uint64).view(np.uint8), part]))
+    longest = torch.tensor([len(mine)], device=env.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    mine = torch.cat([mine, mine.new_zeros(int(longest) - len(mine))]).to(env.device)
+    parts = [torch.empty_like(mine) for _ in range(env.world)] if env.master else None
+    dist.gather(mine, parts, dst=0)
+    parts = [p.cpu().numpy() for p in parts or []]
+    return [p[8:8 + int(p[:8].view(np.uint64)[0])] for p in parts]
+
 class CacheWriter:
     """Rank 0 appends and commits each batch (meta.json never runs ahead
     of the data), to new files or ones cut back to the last commit."""
@@ -1076,9 +1091,10 @@ class CacheWriter:
         elif env.master:
             write_json(meta, os.path.join(d, 'meta.json'))
         if env.ddp and meta['compress']:  # every rank encodes its own parts
-            box = [getattr(self, 'order', None)]
-            dist.broadcast_object_list(box, src=0)
-            self.order = box[0]
+            order = torch.from_numpy(getattr(self, 'order', np.zeros(meta['vocab_size'])).astype(np.int64))
+            order = order.to(env.device)  # (nccl moves only device tensors)
+            dist.broadcast(order, src=0)
+            self.order = order.cpu().numpy().astype(ids_dtype(meta['vocab_size']))
         if env.ddp:
             dist.barrier()
         self.t0 = self.committed = time.time()
@@ -1087,16 +1103,25 @@ class CacheWriter:
     def add(self, part, seqs, done):
         """part: the target's output for seqs (None: none); done: the
         sequences finished once every rank's part is in."""
-        part = part if part is None else self.stored(self.checked(part, len(seqs)), len(seqs))
-        if self.env.ddp:  # rank 0 gets every rank's part, in sequence order
-            parts = [None] * self.env.world if self.env.master else None
-            dist.gather_object(part, parts, dst=0)
-        self.pending += (parts or []) if self.env.ddp else [part]
+        part = np.zeros(0, np.uint8) if part is None else self.stored(self.checked(part, len(seqs)), len(seqs))
+        # rank 0 gets every rank's part, in sequence order
+        self.pending += gather_bytes(part, self.env) if self.env.ddp else [part]
         last = done == self.meta['num_seqs']
         if self.env.master and (last or time.time() - self.committed >= self.cfg.commit_seconds):
-            self.commit(done)
+            # the commit (writes, fsync, meta.json) runs beside the next
+            # batch; one at a time, in order, and its error is raised here
+            self.wait()
+            self.writing = threading.Thread(target=self.commit, args=(self.pending, done), name=COMMIT)
+            self.writing.start()
             self.pending, self.committed = [], time.time()
-            self.progress(self.meta['seqs_done'] * self.meta['block_size'])
+
+    def wait(self):
+        """The commit in flight is done; its error, if any, raised here."""
+        if getattr(self, 'writing', None):
+            self.writing.join()
+            self.writing = None
+        if getattr(self, 'failed', None):
+            raise self.failed
 
     def checked(self, part, n):
         """The target's tensors as arrays, once they match its entry."""
@@ -1126,26 +1151,53 @@ class CacheWriter:
 
     def stored(self, arrays, n):
         """What a part appends (compressed: its blocks, made on its own
-        rank), each sequence's size in seq_offsets' unit, its entries."""
+        rank), as one byte array: a header (n, entries, len(sizes), each
+        value array's bytes), each sequence's size in seq_offsets' unit,
+        then the value arrays in file order (compressed: the blocks)."""
         files, meta = self.files, self.meta  # entries: the values of the first ragged file (or first file)
         entries = len(arrays[next((k for k, (_, per) in files.items() if per == 'entry'), next(iter(files)))])
+        ragged, sizes = self.fmt['ragged'], []
         if meta['compress']:
             blocks = encode_blocks(arrays, meta, self.formats, self.order, n)
-            arrays = dict(blocks=np.frombuffer(b''.join(blocks), np.uint8))
-            return dict(values=arrays, n=n, entries=entries, sizes=[len(b) for b in blocks])
-        ragged = self.fmt['ragged']
-        sizes = ragged and arrays[ragged].reshape(n, -1).sum(1, dtype=np.uint64)
-        return dict(values=arrays, n=n, entries=entries, sizes=sizes if ragged else None)
+            arrays, sizes = dict(blocks=np.frombuffer(b''.join(blocks), np.uint8)), [len(b) for b in blocks]
+        elif ragged:
+            sizes = arrays[ragged].reshape(n, -1).sum(1, dtype=np.uint64)
+        values = [np.ascontiguousarray(arrays[name]).view(np.uint8) for name in self.names()]
+        head = np.array([n, entries, len(sizes), *[len(v) for v in values]], np.uint64)
+        return np.concatenate([head.view(np.uint8), np.asarray(sizes, np.uint64).view(np.uint8), *values])
 
-    def commit(self, seqs_done):
-        """Append the parts and their crc32s, fsync, then meta.json."""
+    def names(self):  # the value arrays of a part, in order
+        return ['blocks'] if self.meta['compress'] else list(self.files)
+
+    def unpacked(self, part):
+        """stored()'s byte array -> (values by file name, n, entries, sizes or None)."""
+        n, entries, k = (int(v) for v in part[:24].view(np.uint64))
+        names = self.names()
+        lengths = part[24:24 + 8 * len(names)].view(np.uint64).astype(np.int64)
+        at = 24 + 8 * len(names)
+        sizes, at, values = part[at:at + 8 * k].view(np.uint64), at + 8 * k, {}
+        for name, length in zip(names, lengths):
+            values[name] = part[at:at + length].view(np.uint8 if name == 'blocks' else self.files[name][0])
+            at += length
+        return values, n, entries, sizes if k else None
+
+    def commit(self, pending, seqs_done):
+        """Append the parts and their crc32s, fsync, then meta.json (an
+        error is kept for wait() to raise: no thread traceback)."""
+        try:
+            self.append(pending, seqs_done)
+        except BaseException as e:
+            self.failed = e
+
+    def append(self, pending, seqs_done):
         meta, units, T = self.meta, self.units, self.meta['block_size']
-        for part in filter(None, self.pending):
-            first, n, sizes, part_entries = meta['seqs_done'], part['n'], part['sizes'], part['entries']
+        for part in filter(len, pending):
+            values, n, part_entries, sizes = self.unpacked(part)
+            first = meta['seqs_done']
             done = dict(entry=meta['entries'], byte=meta['block_bytes'], vocab=0, sequence=first)
             base = {name: done[per] if per in done else first * T * width(meta, per)
                     for name, (_, per) in units.items() if per != 'crc'}
-            part = dict(part['values'], vocab_order=getattr(self, 'order', None))
+            part = dict(values, vocab_order=getattr(self, 'order', None))
             if sizes is not None:  # each sequence's start, then where each one ends
                 start = meta['block_bytes'] if meta['compress'] else meta['entries']
                 part['seq_offsets'] = start + np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint64)
@@ -1164,15 +1216,17 @@ class CacheWriter:
             os.fsync(f.fileno())
         meta.update(seqs_done=seqs_done, complete=seqs_done == meta['num_seqs'])
         write_json(meta, os.path.join(self.cfg.cache_dir, 'meta.json'))
+        self.progress(seqs_done * T)
 
     def finish(self):
         """Close the files, print the size; the throughput (tok/s)."""
         meta, d = self.meta, self.cfg.cache_dir
+        self.wait()
         if self.env.type == 'cuda':
             torch.cuda.synchronize()
         tok_s = (meta['num_seqs'] - self.start) * meta['block_size'] / (time.time() - self.t0)
         if self.env.master and not meta['complete']:  # (every sequence in,
-            self.commit(meta['seqs_done'])  # but a meta edited or older)
+            self.append([], meta['seqs_done'])  # but a meta edited or older)
         for f in self.handles.values():
             f.close()
         if self.env.master:
@@ -1229,7 +1283,10 @@ def folder_lock(folder, ckpt=None):
             die(f"{ckpt['path']} was saved by another run as this one started: run again")
         try:
             yield
-        finally:
+        finally:  # (held until the cache's last commit has ended)
+            for t in threading.enumerate():
+                if t.name == COMMIT:
+                    t.join()
             f.truncate(0)
             if new and os.listdir(folder) == ['.lock']:
                 os.remove(lock)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from types import SimpleNamespace
@@ -551,11 +552,12 @@ def test_cache_kill_and_resume_is_byte_identical(tmp_path, data, teacher, caches
     metas = [json.loads(d.pop('meta.json')) for d in (two, four)]
     assert two == four and [m.pop('batch_size') for m in metas] == [2, 4]
     assert [m.pop('crc32') for m in metas] and metas[0] == metas[1]
-    # killed during the 3rd chunk's sampling, or (write_json) after the 3rd chunk's data was written but
-    # before meta.json recorded it: either way meta.json says 2 chunks and the rerun picks up from there
+    # killed during the 3rd chunk's sampling (the 2nd chunk's commit may still be in flight beside it), or
+    # (write_json) after the 3rd chunk's data was written but before meta.json recorded it: meta.json says
+    # 2 chunks (or 1) and the rerun picks up from there
     run_killed(where, 3 if where == 'rskd.cache_batch' else 4, f"rskd.main({[str(a) for a in args]!r})")
     meta = json.load(open(os.path.join(d, 'meta.json')))
-    assert not meta['complete'] and meta['seqs_done'] == 4
+    assert not meta['complete'] and meta['seqs_done'] in ((2, 4) if where == 'rskd.cache_batch' else (4,))
     assert 'incomplete' in fail(capsys, '--mode', 'train', '--data_dir', data, '--cache_dir', d, *TINY,
                                 '--loss', rskd.FORMATS[method]['loss'], '--out_dir', tmp_path / 'o')
     run(*args)
@@ -1144,7 +1146,12 @@ def test_ddp_cache_killed_and_resumed_equals_single_process(tmp_path, data, teac
     torchrun(2, *cache_args(data, teacher, d), script=dying, ok=False)
     meta = json.load(open(d / 'meta.json'))
     assert not meta['complete'] and meta['seqs_done'] == 2 * 4  # one round of 2 ranks x batch 4
-    torchrun(2, *cache_args(data, teacher, d))  # resumed
+    no_pickles = tmp_path / 'no_pickles.py'  # resumed: the ranks' parts and the vocab order move as tensors
+    no_pickles.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport torch.distributed as dist\n"
+                          f"def refused(*a, **k):\n    raise AssertionError('an object pickled between ranks')\n"
+                          f"for name in [n for n in dir(dist) if n.endswith(('_object', '_object_list'))]:\n"
+                          f"    setattr(dist, name, refused)\nimport rskd\nrskd.main(sys.argv[1:])\n")
+    torchrun(2, *cache_args(data, teacher, d), script=no_pickles)
     assert files_of(d) == files_of(caches['rs'])
 
 
@@ -1540,6 +1547,46 @@ def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, ca
     assert not meta['complete'] and meta['seqs_done'] > 0
     run(*args)
     assert files_of(tmp_path / 'c') == files_of(caches['rs'])
+
+def test_cache_commit_runs_beside_the_next_batch(tmp_path, data, teacher, caches, capsys, monkeypatch):
+    # a slow disk (each fsync 0.3 s) holds up no batch: the next batch's sampling starts while the commit is in
+    # flight. A SIGTERM then, mid-commit: the commit ends, meta.json records it, the lock goes only after it
+    events, real_fsync, real_batch = [], os.fsync, rskd.cache_batch
+
+    def slow_fsync(fd):
+        if threading.current_thread().name == guardrails.COMMIT:
+            events.append('fsync')
+            time.sleep(0.3)
+            events.append('synced')
+        real_fsync(fd)
+
+    def batch(*a):
+        events.append('batch')
+        if events.count('batch') == 4:  # (the 3rd batch's commit in flight)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(*a)
+    monkeypatch.setattr(os, 'fsync', slow_fsync)
+    monkeypatch.setattr(rskd, 'cache_batch', batch)
+    d = tmp_path / 'c'
+    with pytest.raises(SystemExit) as e:
+        run(*cache_args(data, teacher, d))
+    assert e.value.code == 128 + signal.SIGTERM
+    assert all(t.name != guardrails.COMMIT for t in threading.enumerate())
+    assert events[:events.index('synced')].count('batch') == 2  # the 2nd began before the 1st commit's fsync ended
+    meta = json.load(open(d / 'meta.json'))
+    assert meta['seqs_done'] == 3 * 4 and open(d / '.lock').read() == ''  # the 3 batches before the signal
+    monkeypatch.undo()
+    run(*cache_args(data, teacher, d))
+    assert files_of(d) == files_of(caches['rs'])
+
+
+def test_a_targets_files_may_come_in_any_order(tmp_path, data, teacher, caches, monkeypatch):
+    # the writer goes by the entry's files, not by the order of the dict a target returns
+    real = rskd.FORMATS['rs']['target']
+    monkeypatch.setitem(rskd.FORMATS['rs'], 'target', lambda *a: dict(reversed(real(*a).items())))
+    run(*cache_args(data, teacher, tmp_path / 'c', '--compress', 'false'))
+    assert files_of(tmp_path / 'c') == files_of(caches['rs-plain'])
+
 
 def cache_units(d):
     """name -> (numpy dtype, per) of each file of the cache in d, from its FORMATS entry."""
