@@ -63,6 +63,14 @@ def die(msg):
 def first_line(e):
     return (str(e).splitlines() or [type(e).__name__])[0]
 
+def in_collective(e):
+    """Raised inside torch.distributed (a rank that another's exit left
+    waiting in a gather or an all_reduce)?"""
+    tb = e.__traceback__
+    while tb and tb.tb_next:
+        tb = tb.tb_next
+    return isinstance(e, RuntimeError) and tb is not None and os.path.join('torch', 'distributed') in tb.tb_frame.f_code.co_filename
+
 # ---- the command line and the config ---------------------------------------------------
 
 def boolean(s):
@@ -1044,6 +1052,20 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
 
 COMMIT = 'rskd-commit'  # the cache's writing thread (folder_lock waits for it)
 
+def until_ended(commit):
+    """Wait for a commit thread to end, through signals: the first one is
+    raised once it has (a commit takes moments; SIGKILL is safe anyway).
+    Python < 3.13 takes a join that a signal interrupts for the thread's
+    end, so the thread has an event of its own."""
+    caught = None
+    while not commit.ended.is_set():
+        try:
+            commit.ended.wait()
+        except (Interrupted, KeyboardInterrupt) as e:
+            caught = caught or e
+    if caught:
+        raise caught
+
 def gather_bytes(part, env):
     """Every rank's byte array on rank 0, in rank order ([] elsewhere):
     tensors padded to the longest, not pickles; nccl's on the GPU."""
@@ -1112,13 +1134,14 @@ class CacheWriter:
             # batch; one at a time, in order, and its error is raised here
             self.wait()
             self.writing = threading.Thread(target=self.commit, args=(self.pending, done), name=COMMIT)
+            self.writing.ended = threading.Event()
             self.writing.start()
             self.pending, self.committed = [], time.time()
 
     def wait(self):
         """The commit in flight is done; its error, if any, raised here."""
         if getattr(self, 'writing', None):
-            self.writing.join()
+            until_ended(self.writing)
             self.writing = None
         if getattr(self, 'failed', None):
             raise self.failed
@@ -1188,6 +1211,8 @@ class CacheWriter:
             self.append(pending, seqs_done)
         except BaseException as e:
             self.failed = e
+        finally:
+            threading.current_thread().ended.set()
 
     def append(self, pending, seqs_done):
         meta, units, T = self.meta, self.units, self.meta['block_size']
@@ -1200,7 +1225,8 @@ class CacheWriter:
             part = dict(values, vocab_order=getattr(self, 'order', None))
             if sizes is not None:  # each sequence's start, then where each one ends
                 start = meta['block_bytes'] if meta['compress'] else meta['entries']
-                part['seq_offsets'] = start + np.concatenate([[0], np.cumsum(sizes)]).astype(np.uint64)
+                ends = np.cumsum(sizes, dtype=np.uint64)
+                part['seq_offsets'] = start + np.concatenate([np.zeros(1, np.uint64), ends])
             crcs = sequence_crcs(part, units, meta, range(first, first + n), base)
             part = dict(part, checksums=np.array(crcs, dtype=np.uint32))
             if sizes is not None:  # (the file holds the leading 0 already)
@@ -1284,13 +1310,15 @@ def folder_lock(folder, ckpt=None):
         try:
             yield
         finally:  # (held until the cache's last commit has ended)
-            for t in threading.enumerate():
-                if t.name == COMMIT:
-                    t.join()
-            f.truncate(0)
-            if new and os.listdir(folder) == ['.lock']:
-                os.remove(lock)
-                os.rmdir(folder)
+            try:
+                for t in threading.enumerate():
+                    if t.name == COMMIT:
+                        until_ended(t)
+            finally:
+                f.truncate(0)
+                if new and os.listdir(folder) == ['.lock']:
+                    os.remove(lock)
+                    os.rmdir(folder)
 
 @contextmanager
 def stop_requested():
@@ -1358,6 +1386,9 @@ def entry_point():
             die(f"{e.name} is missing: pip install {e.name}" if isinstance(e, ImportError) else str(e))
         if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or 'allocate memory' in str(e):
             die(f"out of memory ({first_line(e)[:80]}): use a smaller --batch_size or model")
+        if int(os.environ.get('WORLD_SIZE', '1')) > 1 and in_collective(e):  # (another rank's failure)
+            die(f"rank {os.environ.get('RANK')}: a collective between the ranks failed "
+                f"({first_line(e)[:100]}): the rank that stopped first says why")
         if not isinstance(e, OSError):
             raise
         path = e.filename2 or e.filename  # (a rename's destination is filename2)

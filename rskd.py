@@ -19,16 +19,19 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-# the guard rails first: a Ctrl-C while torch loads is then one line
-from guardrails import (  # checks, files, locks, signals: no method
-    Interrupted, ascending, at_least_1, cache_reader, check_batching,
-    check_data, check_finite, check_model_size, data_fingerprint,
-    ddp_teardown, descending, die, entry_point, find_teacher,
-    first_signal, folder_lock, in_vocab, load_checkpoint, load_teacher,
-    log_eval, log_step, opt, output_folder, parse_args, positive,
-    probability, recorded_options, resolve_config, restore,
-    save_checkpoint, setup, signal_flags, start_metrics, stop_requested,
-    student_model, sums_to, verify_cache, write_cache)
+# guardrails.py first: a Ctrl-C while torch loads is then one line
+from guardrails import (
+    # value checks of FORMATS' files: f(values, starts, meta) -> ok
+    ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
+    # the run: options, device, data, models, checkpoints, logs
+    opt, parse_args, resolve_config, setup, recorded_options, check_data,
+    check_batching, check_model_size, data_fingerprint, load_teacher, find_teacher,
+    student_model, restore, save_checkpoint, load_checkpoint, start_metrics, log_eval, log_step,
+    # the cache's files: writer, reader, verify (checked, atomic)
+    write_cache, cache_reader, verify_cache,
+    # errors, signals, locks: one line, an exit status, no traceback
+    die, check_finite, entry_point, Interrupted, stop_requested,
+    signal_flags, first_signal, folder_lock, output_folder, ddp_teardown)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+# group_reduce(x, op): op over groups of 16 ids, (.., V) -> (.., V/16)
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -88,7 +92,7 @@ class Config:
     compile: str = opt('auto', "auto: on CUDA", ('auto', 'true', 'false'))
     seed: int = opt(1337, "model init, data order, sampling")
 
-# --mode teacher trains a bigger model into its own folder
+# --mode teacher's defaults (under the command line's): a bigger model
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
@@ -100,15 +104,15 @@ TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S sequences, V from data/meta.json), ids < V checked
+    # (tokens, S sequences, V from meta.json): the first max_seqs or all
     T = cfg.block_size
     path, n, V = check_data(cfg.data_dir, split, T, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
     return tokens, (n - 1) // T, V
 
 def get_batch(tokens, seqs, T, env, rows=0):
-    # x = tokens[s*T : s*T+T], y = the next tokens (x shifted). rows: x
-    # padded to that many with the last sequence (one compiled shape)
+    # x = tokens[s*T : s*T+T], y = the next tokens (x shifted). rows > 0:
+    # x padded to that many rows with its last sequence (one shape)
     padded = list(seqs) + list(seqs)[-1:] * (rows - len(seqs))
     first = np.array(padded, dtype=np.int64)[:, None] * T  # (B, 1)
     xy = torch.from_numpy(tokens[first + np.arange(T + 1)].astype(np.int64))
@@ -138,16 +142,18 @@ def draw_seqs(S, seed, start, count):
 
 # ---------------------------------------------------------------
 # the method, part 1: sparse targets. The teacher's probabilities
-# (B, T, V) in, a few ids per position out
+# (B, T, V) in, a few ids per position out. cfg: the options that
+# meta.json records; gens: a random generator per sequence
 
 def rs_target(probs, cfg, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
     # replacement, and store each distinct id once with its count c_i.
     # t^s_i = c_i / N is UNBIASED, E[c_i] = N t_i, so the student's
-    # gradient p - t^s is full KD's p - t in expectation. N = 50 keeps
-    # ~12 distinct ids (the paper's 3B teacher), ~23 (our flatter one).
-    draws = sample_draws(probs, cfg.rounds, gens, cfg.sampler)
-    lengths, ids, counts = run_lengths(draws)  # (B, T, N) in
+    # gradient p - t^s (per position) is full KD's p - t in expectation
+    draws = sample_draws(probs, cfg.rounds, gens, cfg.sampler)  # (B, T, N)
+    lengths, ids, counts = run_lengths(draws)
+    # lengths (B, T): ids per position; ids, counts (E,): the entries
+    # of every position in turn, E = lengths.sum()
     return dict(lengths=lengths, ids=ids, counts=counts)
 
 def is_target(probs, cfg, gens):
@@ -155,13 +161,12 @@ def is_target(probs, cfg, gens):
     # (tau = --proposal_temperature) and store each drawn id's weight
     # t_i / q_i. E[c_i / N] = q_i, so (c_i / N)(t_i / q_i) is unbiased too.
     proposal = probs.pow(cfg.proposal_temperature)
-    target = rs_target(proposal, cfg, gens)
+    target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
     proposal = proposal.flatten(0, 1)  # (B*T, V), unnormalised
     # each stored id's position, its q_i (row totals in float64, summed
     # by groups as the sampler's CDF sums them), its t_i
     lengths, ids = target['lengths'].flatten(), target['ids']
-    pos = torch.arange(len(lengths), device=ids.device)
-    pos = pos.repeat_interleave(lengths, output_size=len(ids))
+    pos = torch.repeat_interleave(lengths, output_size=len(ids))
     total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
     q = proposal[pos, ids] / total[pos]
     t = probs.flatten(0, 1)[pos, ids]
@@ -170,23 +175,12 @@ def is_target(probs, cfg, gens):
 
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids and probabilities, NOT
-    # renormalised (vanilla Top-K): the student never hears of the tail
-    # and grows over-confident. (top_k: as torch.topk, but faster)
+    # renormalised (vanilla Top-K): the student is told the tail is
+    # empty and grows over-confident. top_k: torch.topk, but faster
     top = [top_k(chunk, cfg.k) for (chunk,) in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
-
-# weights: a batch's stored arrays {file name: tensor} -> (ids, w)
-def rs_weights(stored, meta):  # t^s = c / N
-    return stored['ids'], stored['counts'] / meta['rounds']
-
-def is_weights(stored, meta):  # (c / N)(t / q)
-    w = stored['counts'] / meta['rounds'] * stored['weights']
-    return stored['ids'], w
-
-def topk_weights(stored, meta):  # the teacher's own t_i
-    return stored['ids'], stored['probs'].float()
 
 # The cache formats, one entry per method. The entry drives the writer,
 # resume, the checks, --mode verify, the reader and the bench:
@@ -194,36 +188,40 @@ def topk_weights(stored, meta):  # the teacher's own t_i
 #   loss      the --loss that trains on it
 #   unbiased  E[weights] = t (a test checks each entry that says so)
 #   meta      the options it reads, recorded in meta.json
-#   files     name -> (dtype, per, checks). dtype 'ids': uint16 (int32
-#             past 65,536 tokens). per: 'position' (one value each), an
-#             option such as 'k' (k each) or 'entry' (ragged). checks:
-#             f(values, each position's start, meta) -> ok, per batch
+#   files     name -> (dtype, per, checks). dtype 'ids': token ids, as
+#             the data's (uint16). per: 'position' (one value each), an
+#             option such as 'k' (k each) or 'entry' (ragged). checks,
+#             run on every batch: f(values, starts, meta) -> ok, starts
+#             each position's first entry; sums_to('rounds') makes one
 #   ragged    its file of entries per position, or None
-#   weights   stored arrays -> (ids, weights), as above
-# The ragged layout: a position's entries follow the previous one's;
-# sequence s's are entries seq_offsets[s] .. [s+1]. On disk, by default
-# (--compress), a sequence's values in all its files are one block of
-# deflated bytes (README: Cache format); a crc32 checks each sequence.
+#   weights   (a, m) -> (ids, w): a batch's stored arrays a {file: flat
+#             tensor, ids int64} and meta.json m -> each id's weight w
+# The ragged layout: a position's entries follow the previous one's.
+# Sequence s starts at seq_offsets[s]: an entry (--compress false), or
+# a byte of the deflated blocks that hold a sequence's values in all
+# its files (README: Cache format); a crc32 checks each sequence.
 FORMATS = {
     'rs': dict(
         target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
-        weights=rs_weights, meta=dict(rounds=int, sampler=str),
+        meta=dict(rounds=int, sampler=str),
         files=dict(lengths=('uint8', 'position', [at_least_1]),
                    ids=('ids', 'entry', [in_vocab, ascending]),
-                   counts=('uint8', 'entry', [at_least_1, sums_to('rounds')]))),
+                   counts=('uint8', 'entry', [at_least_1, sums_to('rounds')])),
+        weights=lambda a, m: (a['ids'], a['counts'] / m['rounds'])),  # c / N
     'topk': dict(
         target=topk_target, loss='topk', unbiased=False, ragged=None,
-        weights=topk_weights, meta=dict(k=int),
+        meta=dict(k=int),
         files=dict(ids=('ids', 'k', [in_vocab]),
-                   probs=('float16', 'k', [probability, descending]))),
+                   probs=('float16', 'k', [probability, descending])),
+        weights=lambda a, m: (a['ids'], a['probs'].float())),  # t_i
     'is': dict(
         target=is_target, loss='rskd', unbiased=True, ragged='lengths',
-        weights=is_weights,
         meta=dict(rounds=int, sampler=str, proposal_temperature=float),
         files=dict(lengths=('uint8', 'position', [at_least_1]),
                    ids=('ids', 'entry', [in_vocab, ascending]),
                    counts=('uint8', 'entry', [at_least_1, sums_to('rounds')]),
-                   weights=('float32', 'entry', [positive]))),
+                   weights=('float32', 'entry', [positive])),
+        weights=lambda a, m: (a['ids'], a['counts'] / m['rounds'] * a['weights'])),
 }
 
 # ---------------------------------------------------------------
@@ -231,9 +229,10 @@ FORMATS = {
 # float32; the sparse ones never build a dense (B, T, V) target
 
 def sparse_kd_loss(logits, ids, w):
-    # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids, p the
-    # student's softmax over the FULL vocabulary. Its gradient w.r.t. the
-    # logits is (sum_i w_i) p - w:
+    # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
+    # w the cache's weights (t^s), p the student's softmax over the FULL
+    # vocabulary; then the mean over positions. Per position its gradient
+    # w.r.t. the logits is (sum_i w_i) p - w:
     # - RS-KD: sum w = 1, so p - w, unbiased for full KD's p - t
     # - importance weights: (sum w) p - w, still p - t on average
     # - Top-K: w = the top K t_i, so (sum_K t) p - t_K: biased.
@@ -262,9 +261,8 @@ def ghost_kd_loss(logits, ids, t):
     # L = sum_K t_i log(t_i / p_i) + (1 - T_K) log((1 - T_K) / (1 - P_K))
     logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     logp = logp_all.gather(-1, ids)
-    # log(1 - P_K) is a logsumexp of the tail's own log p: exact for a
-    # tiny tail. The K ids get the lowest float, not -inf: an empty tail
-    # (K = V) stays finite
+    # log(1 - P_K): a logsumexp of the tail's own log p, exact for a tiny
+    # tail; the K ids get the lowest float, not -inf (K = V stays finite)
     lowest = torch.finfo(torch.float32).min
     tail_logp = logp_all.scatter(-1, ids, lowest)
     log_tail_p = torch.logsumexp(tail_logp, dim=-1)
@@ -276,9 +274,8 @@ def ghost_kd_loss(logits, ids, t):
 
 def smooth_kd_loss(logits, ids, t):
     # label smoothing of the leftover mass: the V - K ids outside the top
-    # K share 1 - T_K evenly, u = (1 - T_K) / (V - K) each. Their term,
-    # sum_j u (log u - log p_j), needs only the sum of their log p_j: the
-    # sum over all V minus the K gathered ones
+    # K share 1 - T_K evenly, u = (1 - T_K) / (V - K) each. Their term
+    # sum_j u (log u - log p_j) needs only sum_j log p_j: all V's less K's
     logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     logp = logp_all.gather(-1, ids)
     n_tail = logits.shape[-1] - ids.shape[-1]  # (K = V: none)
@@ -301,9 +298,10 @@ def naive_kd_loss(logits, ids, t, targets):
     ids = torch.cat([ids, label], -1)
     return sparse_kd_loss(logits, ids, w)
 
-# The student's objectives, by --loss (or --topk_tail): each is f(logits,
-# batch). The batch holds idx and targets (B, T); ids and w (B, T, K), the
-# cache's targets; teacher, fullkd's logits
+# The student's objectives, by --loss, or by --topk_tail for --loss
+# topk: each is f(logits, batch). The batch holds idx and targets
+# (B, T); ids and w (B, T, K), the cache's (w: Top-K's t_i for a topk
+# cache); teacher, fullkd's logits
 OBJECTIVES = dict(
     ce=lambda x, b: ce_loss(x, b['targets']),
     rskd=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
@@ -336,10 +334,11 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     uniform = torch.stack([torch.rand(T, width, generator=g, **f64)
                            for g in gens])  # (B, T, rounds or 1)
     draws = []
-    for p, u in by_rows(probs, uniform):
-        j = torch.arange(1, rounds + 1, device=u.device)
+    for p, u in by_rows(probs, uniform):  # p (rows, V), u (rows, N or 1)
+        j = torch.arange(1, rounds + 1, device=u.device)  # (N,)
         points = 1 - u if sampler == 'multinomial' else (j - u) / rounds
-        # their tokens: exact in float64, never one of probability 0
+        # (rows, N) points -> token ids: a float64 CDF search, exact,
+        # never a token of probability 0 (invert_cdf, in model.py)
         draws.append(invert_cdf(p, points))
     draws = torch.cat(draws).view(B, T, rounds)
     return draws.sort(-1).values
@@ -354,23 +353,22 @@ def run_lengths(draws):
     # sorted draws (..., N) -> (lengths, ids, counts): distinct ids per
     # row, then each row's distinct ids with how often each was drawn
     new = torch.ones_like(draws, dtype=torch.bool)
-    new[..., 1:] = draws[..., 1:] != draws[..., :-1]  # run starts
+    # run starts; each row's first draw starts one: runs never span rows
+    new[..., 1:] = draws[..., 1:] != draws[..., :-1]
     starts = new.flatten().nonzero().squeeze(1)  # (one host sync)
     end = torch.full((1,), draws.numel(), device=draws.device)
     counts = torch.diff(starts, append=end)
     return new.sum(-1), draws.flatten()[starts], counts
 
 def pad_rows(lengths, ids, values):
-    # ragged rows -> (R, K) ids and values, padded with id 0, value 0
-    lengths = lengths.flatten().long()
-    R, K, dev = len(lengths), int(lengths.max()), ids.device
-    row = torch.repeat_interleave(torch.arange(R, device=dev), lengths)
-    first = lengths.cumsum(0) - lengths  # each row's first entry
-    slot = torch.arange(len(ids), device=dev) - first[row]
-    out_ids = torch.zeros(R, K, dtype=torch.long, device=dev)
-    out_values = torch.zeros(R, K, device=dev)
-    out_ids[row, slot] = ids.long()
-    out_values[row, slot] = values.float()
+    # ragged rows -> (R, K) ids and values, padded with id 0, value 0:
+    # the first lengths[r] slots of each row r, in order, are the entries
+    lengths = lengths.flatten()
+    K = int(lengths.max())
+    real = torch.arange(K, device=ids.device) < lengths[:, None]  # (R, K)
+    out_ids = torch.zeros(real.shape, dtype=torch.long, device=ids.device)
+    out_values = torch.zeros(real.shape, device=ids.device)
+    out_ids[real], out_values[real] = ids.long(), values.float()
     return out_ids, out_values
 
 # ---------------------------------------------------------------
@@ -378,15 +376,14 @@ def pad_rows(lengths, ids, values):
 
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, V, cfg, env):
-    # a batch's sparse targets, one tensor per file of its format (rows of
-    # idx past len(seqs): padding). Softmax in place over float32 logits
-    # whose padded vocabulary is -inf: it gets exactly 0
+    # a batch's targets, a tensor per file of its format (rows of idx past
+    # len(seqs): padding). Float32 logits (model.py), the padded vocab at
+    # -inf (padded=True): the softmax, in place, gives it exactly 0
     with env.ctx:
         logits = teacher(idx, padded=True)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    # the target sees only the options meta.json records: none unrecorded
     return fmt['target'](probs, recorded_options(cfg, fmt), gens)
 
 def run_cache(cfg, env, loaded=None):
@@ -396,7 +393,8 @@ def run_cache(cfg, env, loaded=None):
     teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json records what the cache holds, what made it and how far it
-    # got. None: complete; else a writer (.start: the first sequence to do)
+    # got. None: complete; else a writer: .start (the first sequence to
+    # do), .add(part, ...) for each batch, .finish()
     cache = write_cache(cfg, env, FORMATS, S, V, about, data)
     if cache is None:
         return None
@@ -408,14 +406,15 @@ def run_cache(cfg, env, loaded=None):
         if seqs:
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
-        # .add: each rank encodes its part; rank 0 appends them in order,
-        # commits (fsync, then meta.json) at most every commit_seconds
+        # .add: each rank encodes its part; rank 0 appends the parts and,
+        # every commit_seconds, commits (fsync, meta.json) in a thread
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader), refused unless the cache trains `loss`. reader(seqs):
-    # a batch's sparse targets (ids, w), each (B, T, K), checked first
+    # a batch's sparse targets (ids, w), each (B, T, K). read(seqs): its
+    # stored arrays, each sequence's crc32 and value checks passed first
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
@@ -449,7 +448,7 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
     for i in range(0, len(mine), cfg.batch_size):
         seqs = mine[i:i + cfg.batch_size]
         idx, y = get_batch(val, seqs, cfg.block_size, env, cfg.batch_size)
-        with env.ctx:
+        with env.ctx:  # logits over the V real tokens, (B, T, V)
             logits = model(idx)[:len(seqs)]
             t_logits = logits if teacher is None else teacher(idx)[:len(seqs)]
         for x, xt, yy in by_rows(logits, t_logits, y):  # rows at a time
@@ -486,14 +485,14 @@ def get_lr(it, cfg):
     # linear warmup, then a cosine decay to min_lr
     if it < cfg.warmup_iters:
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    # lr_decay_iters > max_iters leaves room to extend a run
     decay = (cfg.lr_decay_iters or cfg.max_iters) - cfg.warmup_iters
     ratio = min(1.0, (it - cfg.warmup_iters) / max(1, decay))
     coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 def setup_train(cfg, env, ckpt):
-    # data, cache, teacher, model, optimizer and a saved run
+    # data, cache, teacher, model, optimizer and a saved run. loss: what
+    # the student learns from; objective: its OBJECTIVES entry
     loss = 'ce' if cfg.mode == 'teacher' else cfg.loss
     objective = loss if cfg.topk_tail == 'none' else cfg.topk_tail
     if objective != loss and loss != 'topk':  # a remedy for Top-K's tail
@@ -503,8 +502,8 @@ def setup_train(cfg, env, ckpt):
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
     micro_steps = check_batching(cfg, env.world, S)  # per rank
-    # sparse targets come from the cache. The teacher (the cache's, else
-    # --teacher, else None) runs for fullkd and kl_teacher, spec_accept
+    # targets from the cache; a teacher (the cache's, else --teacher;
+    # none in --mode teacher) for fullkd, kl_teacher and spec_accept
     cached = loss in {f['loss'] for f in FORMATS.values()}
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
@@ -515,8 +514,9 @@ def setup_train(cfg, env, ckpt):
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
-    # exact resume: weights, moments, scaler, RNG, step; the same inputs
-    inputs = dict(cache=meta and meta['identity'], teacher=about,  # (path, sha)
+    # exact resume: weights, moments, scaler, RNG, the step `it` and the
+    # best val loss, if the inputs are the same (each: a path and sha256)
+    inputs = dict(cache=meta and meta['identity'], teacher=about,
                   data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
     it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg)
@@ -524,7 +524,8 @@ def setup_train(cfg, env, ckpt):
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))
     val_seqs = np.unique(spread.round().astype(int)).tolist()
 
-    def fetch(micro):  # this rank's micro-batch number `micro`
+    def fetch(micro):  # micro: the run's micro-steps so far; each rank
+        # takes B draws: its batch is number micro * world + rank
         seqs = draw_seqs(S, cfg.seed, (micro * env.world + env.rank) * B, B)
         idx, targets = get_batch(tokens, seqs, T, env)
         batch = dict(idx=idx, targets=targets)
@@ -568,15 +569,15 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, train_tokens = it, 0.0, 0
+    # flags: the signals the ranks got, summed with the loss each step:
+    # on Ctrl-C or SIGTERM every rank finishes the step, saves and stops
     lossf, m, batch, flags = None, {}, None, []
-    # Ctrl-C or SIGTERM: finish the step, save and stop
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
             if due and not (ckpt and it == start):  # (a resume's was saved)
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
-                # a NaN model is never saved
-                check_finite(it, ckpt_path, m['val_loss'])
+                check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
                     r.best = min(r.best, m['val_loss'])
                     tok_s = train_time and train_tokens / train_time
@@ -587,7 +588,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
-            if sig := first_signal(flags):  # (every rank: the same flags)
+            if sig := first_signal(flags):
                 if env.master:
                     save(it)
                 raise Interrupted(sig, f"saved {ckpt_path} at iter {it}: resume "
@@ -606,7 +607,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 loss = loss_fn(logits, batch)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # prefetch micro-batch nxt while the GPU works (none at the end)
+                # the next micro-batch, read while the GPU works (none
+                # after the run's last): the next micro-step's `batch`
                 nxt = it * r.micro_steps + micro + 1
                 last = nxt == cfg.max_iters * r.micro_steps
                 batch = None if last else r.fetch(nxt)
@@ -634,14 +636,12 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 mean = train_time / max(it - start - 1, 1)
                 log_step(it, lossf, lr, dt, mean or dt,
                          tokens_per_step, r.model, cfg, env)
-    if env.master and m:  # the last eval, once more
-        print(f"done: {cfg.out_dir} " + ', '.join(
-            f"{k} {v:.4f}" for k, v in m.items() if k != 'reliability'))
+    if env.master and m:
+        print(f"done: {ckpt_path}, val_loss {m['val_loss']:.4f}")
 
 def main(argv=None):
     args = parse_args(Config, argv, TEACHER, __doc__)
-    # any error or signal: one line and an honest exit status, saved
-    # work kept; one run per output folder; DDP torn down cleanly
+    # errors and signals: one line, an exit status, saved work kept
     with entry_point():
         # defaults < a resumed run's config < the command line
         cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)

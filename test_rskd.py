@@ -1179,6 +1179,21 @@ def test_ddp_cache_sigterm_exits_143_and_resumes(tmp_path, data, teacher, caches
     assert files_of(d) == files_of(caches['rs'])
 
 
+def test_ddp_a_rank_that_fails_leaves_the_others_one_line(tmp_path, data, teacher):
+    # rank 0 stops (a full disk) at its 2nd batch; rank 1, left waiting in the gather, says so in one line
+    dying = tmp_path / 'dying.py'
+    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.cache_batch, [0]\n"
+                     f"def batch(*a):\n    calls[0] += 1\n    if os.environ['RANK'] == '0' and calls[0] == 2:\n"
+                     f"        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a)\n"
+                     f"rskd.cache_batch = batch\nrskd.main(sys.argv[1:])\n")
+    out = torchrun(2, *cache_args(data, teacher, tmp_path / 'c'), script=dying, ok=False)
+    out = out.stdout + out.stderr
+    assert 'error: No space left on device' in out, out
+    assert '[rank1]: Traceback' not in out and '[rank0]: Traceback' not in out, out
+    if 'rank 1: a collective between the ranks failed' not in out:  # (or torchrun stopped it first)
+        assert 'rank : 1' in out and 'SIGTERM' in out, out
+
+
 def test_ddp_training_and_resume_match_single_process(tmp_path, data, caches):
     common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2,
               '--lr_decay_iters', 4]
@@ -1575,6 +1590,36 @@ def test_cache_commit_runs_beside_the_next_batch(tmp_path, data, teacher, caches
     assert events[:events.index('synced')].count('batch') == 2  # the 2nd began before the 1st commit's fsync ended
     meta = json.load(open(d / 'meta.json'))
     assert meta['seqs_done'] == 3 * 4 and open(d / '.lock').read() == ''  # the 3 batches before the signal
+    monkeypatch.undo()
+    run(*cache_args(data, teacher, d))
+    assert files_of(d) == files_of(caches['rs'])
+
+
+@pytest.mark.parametrize('signals', [1, 2])
+def test_a_signal_while_waiting_for_a_commit(signals, tmp_path, data, teacher, caches, capsys, monkeypatch):
+    # SIGTERM while the main thread waits for the commit in flight (each fsync 0.3 s): that commit still ends
+    # and meta.json records it before the exit and the lock's release, after one signal or two (on Python
+    # < 3.13 a join that a signal interrupts gives up on the thread)
+    real_fsync, real_wait = os.fsync, guardrails.CacheWriter.wait
+
+    def slow_fsync(fd):
+        if threading.current_thread().name == guardrails.COMMIT:
+            time.sleep(0.3)
+        real_fsync(fd)
+
+    def wait(self):
+        if getattr(self, 'writing', None):
+            for i in range(signals):
+                threading.Timer(0.1 + 0.1 * i, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        return real_wait(self)
+    monkeypatch.setattr(os, 'fsync', slow_fsync)
+    monkeypatch.setattr(guardrails.CacheWriter, 'wait', wait)
+    d = tmp_path / 'c'
+    with pytest.raises(SystemExit) as e:
+        run(*cache_args(data, teacher, d))
+    assert e.value.code == 128 + signal.SIGTERM and capsys.readouterr().err.count('\n') == 1
+    assert all(t.name != guardrails.COMMIT for t in threading.enumerate())
+    assert json.load(open(d / 'meta.json'))['seqs_done'] == 4 and open(d / '.lock').read() == ''
     monkeypatch.undo()
     run(*cache_args(data, teacher, d))
     assert files_of(d) == files_of(caches['rs'])
