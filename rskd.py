@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# group_reduce(x, op): op over groups of 16 ids, (.., V) -> (.., V/16)
+# group_reduce(x, op): op over G = ceil(V/16) groups, token j in j % G
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -104,7 +104,7 @@ TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S sequences, V from meta.json): the first max_seqs or all
+    # (tokens, S, V from data/meta.json): the first max_seqs, or all
     T = cfg.block_size
     path, n, V = check_data(cfg.data_dir, split, T, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
@@ -186,14 +186,14 @@ def topk_target(probs, cfg, gens):
 # resume, the checks, --mode verify, the reader and the bench:
 #   target    (probs, cfg, gens) -> a dict of tensors, one per file
 #   loss      the --loss that trains on it
-#   unbiased  E[weights] = t (a test checks each entry that says so)
+#   unbiased  E[w] = t (a test checks each entry that says so)
 #   meta      the options it reads, recorded in meta.json
 #   files     name -> (dtype, per, checks). dtype 'ids': token ids, as
 #             the data's (uint16). per: 'position' (one value each), an
-#             option such as 'k' (k each) or 'entry' (ragged). checks,
-#             run on every batch: f(values, starts, meta) -> ok, starts
-#             each position's first entry; sums_to('rounds') makes one
-#   ragged    its file of entries per position, or None
+#             option such as 'k' (k each) or 'entry' (ragged). checks:
+#             f(values, starts, meta) -> ok on each batch made or read,
+#             starts its positions' first entries (sums_to(...) makes one)
+#   ragged    the file that counts each position's entries, or None
 #   weights   (a, m) -> (ids, w): a batch's stored arrays a {file: flat
 #             tensor, ids int64} and meta.json m -> each id's weight w
 # The ragged layout: a position's entries follow the previous one's.
@@ -570,7 +570,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, train_tokens = it, 0.0, 0
     # flags: the signals the ranks got, summed with the loss each step:
-    # on Ctrl-C or SIGTERM every rank finishes the step, saves and stops
+    # on Ctrl-C or SIGTERM all finish the step, rank 0 saves, all stop
     lossf, m, batch, flags = None, {}, None, []
     with stop_requested() as stop:
         while True:
