@@ -120,6 +120,12 @@ def get_batch(tokens, seqs, T, env, rows=0):
         xy = xy.pin_memory().to(env.device, non_blocking=True)
     return xy[:, :-1].to(env.device), xy[:len(seqs), 1:].to(env.device)
 
+def by_rows(*xs):
+    # (B, T, ...) tensors -> tuples of (rows, ...) chunks, one per x: a
+    # few rows of temporaries, not (B, T, V). CPU: 128 rows; CUDA: 4096
+    rows = 128 if xs[0].device.type == 'cpu' else 4096
+    return zip(*(x.flatten(0, 1).split(rows) for x in xs))
+
 # every random stream is keyed by (seed, purpose, index) and hashed by
 # numpy's SeedSequence: no two seeds share a data order or a sampling stream
 INIT, ORDER, SAMPLING = 0, 1, 2
@@ -343,12 +349,6 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     draws = torch.cat(draws).view(B, T, rounds)
     return draws.sort(-1).values
 
-def by_rows(*xs):
-    # (B, T, ...) tensors -> chunks of (rows, ...): temporaries of a few
-    # rows, not (B, T, V) ones. CPU: 128 (no page faults); CUDA: 4096
-    rows = 128 if xs[0].device.type == 'cpu' else 4096
-    return zip(*(x.flatten(0, 1).split(rows) for x in xs))
-
 def run_lengths(draws):
     # sorted draws (..., N) -> (lengths, ids, counts): distinct ids per
     # row, then each row's distinct ids with how often each was drawn
@@ -377,8 +377,8 @@ def pad_rows(lengths, ids, values):
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, V, cfg, env):
     # a batch's targets, a tensor per file of its format (rows of idx past
-    # len(seqs): padding). Float32 logits (model.py), the padded vocab at
-    # -inf (padded=True): the softmax, in place, gives it exactly 0
+    # len(seqs): padding). Float32 logits, the padded vocab at -inf
+    # (padded=True): the softmax, in place, gives it exactly 0
     with env.ctx:
         logits = teacher(idx, padded=True)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
@@ -501,7 +501,7 @@ def setup_train(cfg, env, ckpt):
     tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
-    micro_steps = check_batching(cfg, env.world, S)  # per rank
+    micro_steps = check_batching(cfg, env.world, S)  # per rank: accum / world
     # targets from the cache; a teacher (the cache's, else --teacher;
     # none in --mode teacher) for fullkd, kl_teacher and spec_accept
     cached = loss in {f['loss'] for f in FORMATS.values()}
