@@ -1386,7 +1386,7 @@ def entry_point():
             die(f"{e.name} is missing: pip install {e.name}" if isinstance(e, ImportError) else str(e))
         if isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or 'allocate memory' in str(e):
             die(f"out of memory ({first_line(e)[:80]}): use a smaller --batch_size or model")
-        if int(os.environ.get('WORLD_SIZE', '1')) > 1 and in_collective(e):  # (another rank's failure)
+        if os.environ.get('WORLD_SIZE', '1') != '1' and in_collective(e):  # (another rank's failure)
             die(f"rank {os.environ.get('RANK')}: a collective between the ranks failed "
                 f"({first_line(e)[:100]}): the rank that stopped first says why")
         if not isinstance(e, OSError):
