@@ -62,7 +62,7 @@ class Config:
     block_size: int = opt(128, "sequence length T")
     # optimisation
     batch_size: int = opt(16, "sequences per micro-step (cache: per batch)")
-    gradient_accumulation_steps: int = opt(1, "micro-steps/step")
+    gradient_accumulation_steps: int = opt(1, "micro-steps/step (torchrun: ranks)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -406,8 +406,8 @@ def run_cache(cfg, env, loaded=None):
         if seqs:
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
-        # .add: each rank encodes its part; rank 0 appends the parts and,
-        # every commit_seconds, commits (fsync, meta.json) in a thread
+        # .add: each rank encodes its part; rank 0 appends the parts and
+        # commits (fsync, meta.json) in a thread, >= commit_seconds apart
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
