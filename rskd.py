@@ -307,7 +307,7 @@ def naive_kd_loss(logits, ids, t, targets):
 # The student's objectives, by --loss, or by --topk_tail for --loss
 # topk: each is f(logits, batch). The batch holds idx and targets
 # (B, T); ids and w (B, T, K), the cache's (w: Top-K's t_i for a topk
-# cache); teacher, fullkd's logits
+# cache); teacher, the teacher's logits (fullkd: loss_fn adds them)
 OBJECTIVES = dict(
     ce=lambda x, b: ce_loss(x, b['targets']),
     rskd=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
@@ -389,6 +389,7 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
 def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
+    # about: the teacher's name and sha256, which meta.json records
     teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)
     teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
@@ -506,7 +507,8 @@ def setup_train(cfg, env, ckpt):
     # none in --mode teacher) for fullkd, kl_teacher and spec_accept
     cached = loss in {f['loss'] for f in FORMATS.values()}
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
-    teacher, about = find_teacher(cfg, loss == 'fullkd', meta, V, env)
+    teacher, about = find_teacher(
+        cfg, required=loss == 'fullkd', cache_meta=meta, vocab_size=V, env=env)
     check_model_size(cfg, V, env, teacher)  # before the student
     torch.manual_seed(stream_seed(cfg.seed, INIT))
     model = student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
@@ -571,7 +573,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     start, train_time, train_tokens = it, 0.0, 0
     # flags: the signals the ranks got, summed with the loss each step:
     # on Ctrl-C or SIGTERM all finish the step, rank 0 saves, all stop
-    lossf, m, batch, flags = None, {}, None, []
+    lossf, m, flags = None, {}, []
+    batch = r.fetch(it * r.micro_steps)  # (each step prefetches the next)
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
@@ -598,7 +601,6 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 param_group['lr'] = lr
             t0 = time.time()
             loss_sum = torch.zeros((), device=env.device)
-            batch = batch or r.fetch(it * r.micro_steps)
             for micro in range(r.micro_steps):
                 if env.ddp:  # sync gradients on the last micro-step
                     train_model.require_backward_grad_sync = micro == r.micro_steps - 1
@@ -607,11 +609,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 loss = loss_fn(logits, batch)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # the next micro-batch, read while the GPU works (none
-                # after the run's last): the next micro-step's `batch`
-                nxt = it * r.micro_steps + micro + 1
-                last = nxt == cfg.max_iters * r.micro_steps
-                batch = None if last else r.fetch(nxt)
+                # the next micro-step's batch, read while the GPU works
+                batch = r.fetch(it * r.micro_steps + micro + 1)
             # one all_reduce for the mean loss (gloo has no AVG) and the
             # ranks' signals; one host sync, with the gradient norm
             sums = torch.cat([loss_sum.view(1) / env.world, signal_flags(stop, env)])
