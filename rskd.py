@@ -170,7 +170,8 @@ def is_target(probs, cfg, gens):
     target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
     proposal = proposal.flatten(0, 1)  # (B*T, V), unnormalised
     # each stored id's position, its q_i (row totals in float64, summed
-    # by groups as the sampler's CDF sums them), its t_i
+    # group by group as the sampler sums them: q is the law it drew from)
+    # and its t_i
     lengths, ids = target['lengths'].flatten(), target['ids']
     pos = torch.repeat_interleave(lengths, output_size=len(ids))
     total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
@@ -459,7 +460,7 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
             # ECE = sum_b (n_b / n) |accuracy_b - confidence_b|
             conf, pred = logp.max(-1)
             conf, correct = conf.exp(), (pred == yy).float()
-            b = (conf * NBINS).long().clamp(max=NBINS - 1)
+            b = (conf * NBINS).long().clamp(max=NBINS - 1)  # each one's bin
             per_bin = torch.stack([torch.ones_like(conf), conf, correct])
             bins.scatter_add_(1, b.expand(3, -1), per_bin.double())
             if teacher is not None:
@@ -473,7 +474,7 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
             dist.all_reduce(t)
     s = {k: t.tolist() for k, t in sums.items()}
     model.train()
-    n, bins = s['n'], list(zip(*s['bins']))
+    n, bins = s['n'], list(zip(*s['bins']))  # (positions, conf, correct)
     out = dict(val_loss=s['nll'] / n, val_ppl=math.exp(s['nll'] / n),
                ece=sum(abs(acc - c) for _, c, acc in bins) / n,
                reliability=[[m, c / max(m, 1), acc / max(m, 1)]
