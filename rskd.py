@@ -164,8 +164,8 @@ def rs_target(probs, cfg, gens):
 
 def is_target(probs, cfg, gens):
     # importance sampling, the paper's second variant: draw from q ∝ t^tau
-    # (tau = --proposal_temperature) and store each drawn id's weight
-    # t_i / q_i. E[c_i / N] = q_i, so (c_i / N)(t_i / q_i) is unbiased too.
+    # (tau: --proposal_temperature), weight t_i / q_i. E[c_i / N] = q_i, so
+    # (c_i/N)(t_i/q_i) is unbiased too, where t_i^tau > 0 (tau <= 1: always)
     proposal = probs.pow(cfg.proposal_temperature)
     target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
     proposal = proposal.flatten(0, 1)  # (B*T, V), unnormalised
@@ -320,7 +320,7 @@ OBJECTIVES = dict(
 )
 
 # ---------------------------------------------------------------
-# exactness and speed: how the targets are computed (skip on a first read)
+# exactness and speed: how targets are made and read (skip at first)
 
 def seq_generators(seed, seqs, device):
     # a random stream per sequence: the draws do not depend on resume
@@ -332,9 +332,9 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # `rounds` draws with replacement from each row of probs (B, T, V),
     # sorted; rows need not sum to 1. A point x in (0, 1] picks the token
     # i whose CDF interval (cdf[i-1], cdf[i]] holds x * sum(p): token i
-    # with probability p_i / sum(p). multinomial: N points 1 - u, u uniform
-    # systematic: ONE uniform u per row and the points (j - u) / N,
-    # j = 1..N: E[c_i] = N p_i still, but each c_i is floor or ceil of N p_i
+    # with probability t_i = p_i / sum(p). multinomial: N points 1 - u, u
+    # uniform. systematic: ONE uniform u per row and the points (j - u)/N,
+    # j = 1..N: E[c_i] = N t_i still, but each c_i is floor or ceil of it
     B, T, V = probs.shape
     width = rounds if sampler == 'multinomial' else 1
     f64 = dict(dtype=torch.float64, device=probs.device)
@@ -416,7 +416,7 @@ def run_cache(cfg, env, loaded=None):
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader), refused unless the cache trains `loss`. reader(seqs):
     # a batch's sparse targets (ids, w), each (B, T, K). read(seqs): its
-    # stored arrays, each sequence's crc32 and value checks passed first
+    # stored arrays, crc32 and value checks passed (unless checked=False)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
