@@ -390,8 +390,7 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
 def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
-    # about: the teacher's name and sha256, which meta.json records
-    teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)
+    teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)  # about: name, sha256
     teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json records what the cache holds, what made it and how far it
@@ -572,10 +571,10 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, train_tokens = it, 0.0, 0
-    # flags: the signals the ranks got, summed with the loss each step:
-    # on Ctrl-C or SIGTERM all finish the step, rank 0 saves, all stop
+    # Ctrl-C, SIGTERM: the ranks' flags, summed with the loss, stop all
+    # together after the step; each step prefetches the next's batch
     lossf, m, flags = None, {}, []
-    batch = r.fetch(it * r.micro_steps)  # (each step prefetches the next)
+    batch = r.fetch(it * r.micro_steps) if it < cfg.max_iters else None
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
@@ -610,8 +609,9 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 loss = loss_fn(logits, batch)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # the next micro-step's batch, read while the GPU works
-                batch = r.fetch(it * r.micro_steps + micro + 1)
+                # the next micro-step's, read while the GPU works
+                nxt = it * r.micro_steps + micro + 1  # (none past the run)
+                batch = r.fetch(nxt) if nxt < cfg.max_iters * r.micro_steps else None
             # one all_reduce for the mean loss (gloo has no AVG) and the
             # ranks' signals; one host sync, with the gradient norm
             sums = torch.cat([loss_sum.view(1) / env.world, signal_flags(stop, env)])
