@@ -1762,6 +1762,10 @@ def test_training_stops_at_the_first_batch_with_damaged_rows(cache, tmp_path, da
     # while step 4 runs, before step 4's update: neither of them updated it
     assert len(steps) == 4
     assert torch.load(tmp_path / 'o' / 'ckpt.pt', weights_only=True)['iter_num'] == 4
+    # a run that ends before that batch never reads it, not even to prefetch
+    run('--mode', 'train', '--data_dir', data, '--cache_dir', tmp_path / 'c', *TINY, '--loss', 'topk',
+        '--max_iters', 5, '--eval_interval', 5, '--out_dir', tmp_path / 'o5')
+    assert torch.load(tmp_path / 'o5' / 'ckpt.pt', weights_only=True)['iter_num'] == 5
 
 
 def test_wide_top_k_rows_are_read_whole():
