@@ -64,12 +64,16 @@ def first_line(e):
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 def in_collective(e):
-    """Raised inside torch.distributed (a rank that another's exit left
-    waiting in a gather or an all_reduce)?"""
-    tb = e.__traceback__
-    while tb and tb.tb_next:
+    """A collective's failure (a rank that another's exit left waiting
+    in a gather, an all_reduce or DDP's backward)? gloo and NCCL raise a
+    RuntimeError from inside torch.distributed, or from the backward."""
+    frames, tb = [], e.__traceback__
+    while tb:
+        frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    return isinstance(e, RuntimeError) and tb is not None and os.path.join('torch', 'distributed') in tb.tb_frame.f_code.co_filename
+    where = any(os.path.join('torch', 'distributed') in f for f in frames)
+    said = re.search(r'gloo|NCCL|ProcessGroup|Connection (closed|reset) by peer', str(e))
+    return isinstance(e, RuntimeError) and bool(where or said)
 
 # ---- the command line and the config ---------------------------------------------------
 
@@ -1052,18 +1056,19 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
 
 COMMIT = 'rskd-commit'  # the cache's writing thread (folder_lock waits for it)
 
-def until_ended(commit):
+def until_ended(commit, quiet=False):
     """Wait for a commit thread to end, through signals: the first one is
-    raised once it has (a commit takes moments; SIGKILL is safe anyway).
-    Python < 3.13 takes a join that a signal interrupts for the thread's
-    end, so the thread has an event of its own."""
+    raised once it has (quiet: not at all, an error is on its way out
+    already). A commit takes moments; SIGKILL is safe anyway. Python < 3.13
+    takes a join that a signal interrupts for the thread's end, so the
+    thread has an event of its own."""
     caught = None
     while not commit.ended.is_set():
         try:
             commit.ended.wait()
         except (Interrupted, KeyboardInterrupt) as e:
             caught = caught or e
-    if caught:
+    if caught and not quiet:
         raise caught
 
 def gather_bytes(part, env):
@@ -1312,8 +1317,8 @@ def folder_lock(folder, ckpt=None):
         finally:  # (held until the cache's last commit has ended)
             try:
                 for t in threading.enumerate():
-                    if t.name == COMMIT:
-                        until_ended(t)
+                    if t.name == COMMIT:  # (an error on its way out keeps its exit)
+                        until_ended(t, quiet=sys.exc_info()[0] is not None)
             finally:
                 f.truncate(0)
                 if new and os.listdir(folder) == ['.lock']:
@@ -1388,7 +1393,7 @@ def entry_point():
             die(f"out of memory ({first_line(e)[:80]}): use a smaller --batch_size or model")
         if os.environ.get('WORLD_SIZE', '1') != '1' and in_collective(e):  # (another rank's failure)
             die(f"rank {os.environ.get('RANK')}: a collective between the ranks failed "
-                f"({first_line(e)[:100]}): the rank that stopped first says why")
+                f"({first_line(e)[:100]}): if another rank stopped first, its line says why")
         if not isinstance(e, OSError):
             raise
         path = e.filename2 or e.filename  # (a rename's destination is filename2)

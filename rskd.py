@@ -408,7 +408,7 @@ def run_cache(cfg, env, loaded=None):
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
         # .add: each rank encodes its part; rank 0 appends the parts and
-        # commits (fsync, meta.json) in a thread, >= commit_seconds apart
+        # commits (fsync, meta.json) in a thread, at most every commit_seconds
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 

@@ -1194,6 +1194,23 @@ def test_ddp_a_rank_that_fails_leaves_the_others_one_line(tmp_path, data, teache
         assert 'rank : 1' in out and 'SIGTERM' in out, out
 
 
+def test_ddp_a_rank_left_in_the_backward_says_so_in_one_line(tmp_path, data, caches):
+    # training: rank 0 stops at its 2nd checkpoint (a full disk); rank 1, left in DDP's gradient all_reduce
+    # inside the backward, prints one line, not gloo's traceback
+    dying = tmp_path / 'dying.py'
+    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.save_checkpoint, [0]\n"
+                     f"def save(*a, **k):\n    calls[0] += 1\n    if calls[0] == 2:\n"
+                     f"        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a, **k)\n"
+                     f"rskd.save_checkpoint = save\nrskd.main(sys.argv[1:])\n")
+    out = torchrun(2, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 6,
+                   '--eval_interval', 2, '--out_dir', tmp_path / 'o', script=dying, ok=False)
+    out = out.stdout + out.stderr
+    assert 'error: No space left on device' in out, out
+    assert '[rank1]: Traceback' not in out and '[rank0]: Traceback' not in out, out
+    if 'rank 1: a collective between the ranks failed' not in out:  # (or torchrun stopped it first)
+        assert 'rank : 1' in out and 'SIGTERM' in out, out
+
+
 def test_ddp_training_and_resume_match_single_process(tmp_path, data, caches):
     common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2,
               '--lr_decay_iters', 4]
@@ -1623,6 +1640,30 @@ def test_a_signal_while_waiting_for_a_commit(signals, tmp_path, data, teacher, c
     monkeypatch.undo()
     run(*cache_args(data, teacher, d))
     assert files_of(d) == files_of(caches['rs'])
+
+
+def test_a_second_signal_while_the_lock_waits_keeps_the_first(tmp_path, data, teacher, caches, capsys, monkeypatch):
+    # SIGTERM during the 2nd batch, the 1st commit in flight (each fsync 0.3 s); a SIGINT while the folder lock
+    # waits for that commit: the run exits as the SIGTERM said (143), once the commit has ended
+    real_fsync, real_batch = os.fsync, rskd.cache_batch
+
+    def slow_fsync(fd):
+        if threading.current_thread().name == guardrails.COMMIT:
+            time.sleep(0.3)
+        real_fsync(fd)
+
+    def batch(*a):
+        if any(t.name == guardrails.COMMIT for t in threading.enumerate()):
+            threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_batch(*a)
+    monkeypatch.setattr(os, 'fsync', slow_fsync)
+    monkeypatch.setattr(rskd, 'cache_batch', batch)
+    d = tmp_path / 'c'
+    with pytest.raises(SystemExit) as e:
+        run(*cache_args(data, teacher, d))
+    assert e.value.code == 128 + signal.SIGTERM and 'interrupted (SIGTERM)' in capsys.readouterr().err
+    assert json.load(open(d / 'meta.json'))['seqs_done'] == 4 and open(d / '.lock').read() == ''
 
 
 def test_a_targets_files_may_come_in_any_order(tmp_path, data, teacher, caches, monkeypatch):
