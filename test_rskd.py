@@ -1179,31 +1179,20 @@ def test_ddp_cache_sigterm_exits_143_and_resumes(tmp_path, data, teacher, caches
     assert files_of(d) == files_of(caches['rs'])
 
 
-def test_ddp_a_rank_that_fails_leaves_the_others_one_line(tmp_path, data, teacher):
-    # rank 0 stops (a full disk) at its 2nd batch; rank 1, left waiting in the gather, says so in one line
+@pytest.mark.parametrize('mode', ['cache', 'train'])
+def test_ddp_a_rank_that_fails_leaves_the_others_one_line(mode, tmp_path, data, teacher, caches):
+    # rank 0 stops (a full disk): caching, at its 2nd batch, rank 1 left waiting in the gather; training, at
+    # its 2nd checkpoint, rank 1 left in DDP's gradient all_reduce inside the backward. Rank 1 says so in
+    # one line, not gloo's traceback
+    target, args = ('cache_batch', cache_args(data, teacher, tmp_path / 'c')) if mode == 'cache' else (
+        'save_checkpoint', ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY,
+                            '--max_iters', 6, '--eval_interval', 2, '--out_dir', tmp_path / 'o'])
     dying = tmp_path / 'dying.py'
-    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.cache_batch, [0]\n"
-                     f"def batch(*a):\n    calls[0] += 1\n    if os.environ['RANK'] == '0' and calls[0] == 2:\n"
-                     f"        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a)\n"
-                     f"rskd.cache_batch = batch\nrskd.main(sys.argv[1:])\n")
-    out = torchrun(2, *cache_args(data, teacher, tmp_path / 'c'), script=dying, ok=False)
-    out = out.stdout + out.stderr
-    assert 'error: No space left on device' in out, out
-    assert '[rank1]: Traceback' not in out and '[rank0]: Traceback' not in out, out
-    if 'rank 1: a collective between the ranks failed' not in out:  # (or torchrun stopped it first)
-        assert 'rank : 1' in out and 'SIGTERM' in out, out
-
-
-def test_ddp_a_rank_left_in_the_backward_says_so_in_one_line(tmp_path, data, caches):
-    # training: rank 0 stops at its 2nd checkpoint (a full disk); rank 1, left in DDP's gradient all_reduce
-    # inside the backward, prints one line, not gloo's traceback
-    dying = tmp_path / 'dying.py'
-    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.save_checkpoint, [0]\n"
-                     f"def save(*a, **k):\n    calls[0] += 1\n    if calls[0] == 2:\n"
+    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.{target}, [0]\n"
+                     f"def dying(*a, **k):\n    calls[0] += 1\n    if os.environ['RANK'] == '0' and calls[0] == 2:\n"
                      f"        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a, **k)\n"
-                     f"rskd.save_checkpoint = save\nrskd.main(sys.argv[1:])\n")
-    out = torchrun(2, '--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--max_iters', 6,
-                   '--eval_interval', 2, '--out_dir', tmp_path / 'o', script=dying, ok=False)
+                     f"rskd.{target} = dying\nrskd.main(sys.argv[1:])\n")
+    out = torchrun(2, *args, script=dying, ok=False)
     out = out.stdout + out.stderr
     assert 'error: No space left on device' in out, out
     assert '[rank1]: Traceback' not in out and '[rank0]: Traceback' not in out, out
@@ -1580,24 +1569,32 @@ def test_disk_full_while_caching_then_resume(tmp_path, data, teacher, caches, ca
     run(*args)
     assert files_of(tmp_path / 'c') == files_of(caches['rs'])
 
-def test_cache_commit_runs_beside_the_next_batch(tmp_path, data, teacher, caches, capsys, monkeypatch):
-    # a slow disk (each fsync 0.3 s) holds up no batch: the next batch's sampling starts while the commit is in
-    # flight. A SIGTERM then, mid-commit: the commit ends, meta.json records it, the lock goes only after it
-    events, real_fsync, real_batch = [], os.fsync, rskd.cache_batch
 
-    def slow_fsync(fd):
+def slow_commits(monkeypatch):
+    """A slow disk: each fsync of the cache's commit thread takes 0.3 s. Returns the list that each such
+    fsync adds 'fsync' to as it starts and 'synced' as it ends."""
+    events, real = [], os.fsync
+
+    def fsync(fd):
         if threading.current_thread().name == guardrails.COMMIT:
             events.append('fsync')
             time.sleep(0.3)
             events.append('synced')
-        real_fsync(fd)
+        real(fd)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    return events
+
+
+def test_cache_commit_runs_beside_the_next_batch(tmp_path, data, teacher, caches, capsys, monkeypatch):
+    # a slow disk (each fsync 0.3 s) holds up no batch: the next batch's sampling starts while the commit is in
+    # flight. A SIGTERM then, mid-commit: the commit ends, meta.json records it, the lock goes only after it
+    events, real_batch = slow_commits(monkeypatch), rskd.cache_batch
 
     def batch(*a):
         events.append('batch')
         if events.count('batch') == 4:  # (the 3rd batch's commit in flight)
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(*a)
-    monkeypatch.setattr(os, 'fsync', slow_fsync)
     monkeypatch.setattr(rskd, 'cache_batch', batch)
     d = tmp_path / 'c'
     with pytest.raises(SystemExit) as e:
@@ -1617,19 +1614,14 @@ def test_a_signal_while_waiting_for_a_commit(signals, tmp_path, data, teacher, c
     # SIGTERM while the main thread waits for the commit in flight (each fsync 0.3 s): that commit still ends
     # and meta.json records it before the exit and the lock's release, after one signal or two (on Python
     # < 3.13 a join that a signal interrupts gives up on the thread)
-    real_fsync, real_wait = os.fsync, guardrails.CacheWriter.wait
-
-    def slow_fsync(fd):
-        if threading.current_thread().name == guardrails.COMMIT:
-            time.sleep(0.3)
-        real_fsync(fd)
+    slow_commits(monkeypatch)
+    real_wait = guardrails.CacheWriter.wait
 
     def wait(self):
         if getattr(self, 'writing', None):
             for i in range(signals):
                 threading.Timer(0.1 + 0.1 * i, os.kill, (os.getpid(), signal.SIGTERM)).start()
         return real_wait(self)
-    monkeypatch.setattr(os, 'fsync', slow_fsync)
     monkeypatch.setattr(guardrails.CacheWriter, 'wait', wait)
     d = tmp_path / 'c'
     with pytest.raises(SystemExit) as e:
@@ -1645,19 +1637,14 @@ def test_a_signal_while_waiting_for_a_commit(signals, tmp_path, data, teacher, c
 def test_a_second_signal_while_the_lock_waits_keeps_the_first(tmp_path, data, teacher, caches, capsys, monkeypatch):
     # SIGTERM during the 2nd batch, the 1st commit in flight (each fsync 0.3 s); a SIGINT while the folder lock
     # waits for that commit: the run exits as the SIGTERM said (143), once the commit has ended
-    real_fsync, real_batch = os.fsync, rskd.cache_batch
-
-    def slow_fsync(fd):
-        if threading.current_thread().name == guardrails.COMMIT:
-            time.sleep(0.3)
-        real_fsync(fd)
+    slow_commits(monkeypatch)
+    real_batch = rskd.cache_batch
 
     def batch(*a):
         if any(t.name == guardrails.COMMIT for t in threading.enumerate()):
             threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
             os.kill(os.getpid(), signal.SIGTERM)
         return real_batch(*a)
-    monkeypatch.setattr(os, 'fsync', slow_fsync)
     monkeypatch.setattr(rskd, 'cache_batch', batch)
     d = tmp_path / 'c'
     with pytest.raises(SystemExit) as e:
