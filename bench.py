@@ -173,7 +173,7 @@ def sparse_targets(method, probs, cfg, seqs, env):
     gens = rskd.seq_generators(cfg.seed, seqs, env.device)
     options = recorded_options(cfg, fmt)
     stored = fmt['target'](probs, options, gens)
-    ids, w = fmt['weights'](stored, vars(options))
+    ids, w = fmt['decode'](stored, vars(options))
     if fmt['ragged']:
         ids, w = rskd.pad_rows(stored[fmt['ragged']], ids, w)
     unique = stored[fmt['ragged']].sum().item() / (B * T) if fmt['ragged'] else ids.shape[-1]  # (any fork's files)

@@ -618,7 +618,7 @@ CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_siz
 # batch size and torch, so such a resume is exact but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries', 'block_bytes')
-FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'weights')
+FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'decode')
 
 # The value checks FORMATS entries list: (a batch's values of a file, where
 # each position's values start, meta.json) -> every value is valid.

@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-# guardrails.py first: a Ctrl-C while torch loads is then one line
+# guardrails.py: what a reader need not open (each call below says
+# what it gives), imported before torch: a Ctrl-C there is one line
 from guardrails import (
     # value checks of FORMATS' files: f(values, starts, meta) -> ok
     ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
@@ -39,7 +40,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# group_reduce(x, op): op over G = ceil(V/16) groups, token j in j % G
+# model.py: nanoGPT's GPT, but model(idx) -> logits (B, T, V) at every
+# position. group_reduce(x, op): (..., V) -> (..., G), the 'sum' or
+# 'max' of each of G = ceil(V/16) groups (token j is in group j % G)
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -61,8 +64,8 @@ class Config:
     n_embd: int = opt(128, "embedding width")
     block_size: int = opt(128, "sequence length T")
     # optimisation
-    batch_size: int = opt(16, "sequences per micro-step (cache: per batch)")
-    gradient_accumulation_steps: int = opt(1, "micro-steps/step (torchrun: ranks)")
+    batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
+    gradient_accumulation_steps: int = opt(1, "micro-batches a step, all ranks (default: 1 a rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -79,14 +82,13 @@ class Config:
     alpha: float = opt(0.0, "weight of added label CE")
     # what --mode cache stores: a key of FORMATS below
     method: str = opt('rs', "the sparse target to cache")
-    sampler: str = opt('multinomial', "rs, is", ('multinomial', 'systematic'))
-    rounds: int = opt(50, "rs, is: draws per position, 1..255")
+    sampler: str = opt('multinomial', "rs and is's", ('multinomial', 'systematic'))
+    rounds: int = opt(50, "rs and is: draws per position, 1..255")
     proposal_temperature: float = opt(1.0, "is: q ∝ t^tau")
     k: int = opt(12, "topk: ids per position")
     split: str = opt('train', "what to cache", ('train', 'val'))
     commit_seconds: float = opt(5.0, "fsync at most this often")
     compress: bool = opt(True, "store each sequence deflated")
-    # hardware
     device: str = opt('auto', "auto | cpu | cuda | cuda:N")
     dtype: str = opt('auto', "GPU: bf16|fp16", ('auto', 'float32', 'bfloat16', 'float16'))
     compile: str = opt('auto', "auto: on CUDA", ('auto', 'true', 'false'))
@@ -111,9 +113,9 @@ def load_split(cfg, split, env, max_seqs=0):
     return tokens, (n - 1) // T, V
 
 def get_batch(tokens, seqs, T, env, rows=0):
-    # x = tokens[s*T : s*T+T], y = the next tokens (x shifted). rows > 0:
-    # x padded to that many rows with its last sequence (one shape)
-    padded = list(seqs) + list(seqs)[-1:] * (rows - len(seqs))
+    # x = tokens[s*T : s*T+T], y: x shifted by one. x, not y, is padded
+    # to `rows` rows with its last sequence (one shape for the teacher)
+    padded = list(seqs) + [seqs[-1]] * max(rows - len(seqs), 0)
     first = np.array(padded, dtype=np.int64)[:, None] * T  # (B, 1)
     xy = torch.from_numpy(tokens[first + np.arange(T + 1)].astype(np.int64))
     if env.type == 'cuda':
@@ -140,9 +142,8 @@ def epoch_permutation(S, seed, epoch):
     return torch.randperm(S, generator=gen).numpy()
 
 def draw_seqs(S, seed, start, count):
-    # draws start .. start+count-1 of an endless series of epochs, each a
-    # new permutation of the S sequences; a draw is a pure function of its
-    # number, so a resumed run draws the same
+    # draws start .. start+count-1 of endless epochs, each a permutation
+    # of the S sequences: a draw depends on its number alone (resume)
     return [int(epoch_permutation(S, seed, i // S)[i % S])
             for i in range(start, start + count)]
 
@@ -165,75 +166,32 @@ def rs_target(probs, cfg, gens):
 def is_target(probs, cfg, gens):
     # importance sampling, the paper's second variant: draw from q ∝ t^tau
     # (tau: --proposal_temperature), weight t_i / q_i. E[c_i / N] = q_i, so
-    # (c_i/N)(t_i/q_i) is unbiased too, where t_i^tau > 0 (tau <= 1: always)
-    proposal = probs.pow(cfg.proposal_temperature)
+    # (c_i/N)(t_i/q_i) is unbiased too, where t_i^tau does not underflow
+    # to 0 (t_i > 0 and 0 < tau <= 1: never)
+    proposal = probs.pow(cfg.proposal_temperature)  # (B, T, V)
     target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
-    proposal = proposal.flatten(0, 1)  # (B*T, V), unnormalised
-    # each stored id's position, its q_i (row totals in float64, summed
-    # group by group as the sampler sums them: q is the law it drew from)
-    # and its t_i
+    # each stored id's position, q_i and t_i. q_i: the proposal over its
+    # row's total, the sampler's float32 group sums added up in float64
     lengths, ids = target['lengths'].flatten(), target['ids']
-    pos = torch.repeat_interleave(lengths, output_size=len(ids))
+    pos = torch.repeat_interleave(lengths, output_size=len(ids))  # row
     total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
-    q = proposal[pos, ids] / total[pos]
+    q = proposal.flatten(0, 1)[pos, ids] / total.flatten()[pos]
     t = probs.flatten(0, 1)[pos, ids]
     target['weights'] = (t / q).float()
     return target
 
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids and probabilities, NOT
-    # renormalised (vanilla Top-K): the student is told the tail is
-    # empty and grows over-confident. top_k: torch.topk, but faster
-    top = [top_k(chunk, cfg.k) for (chunk,) in by_rows(probs)]
+    # renormalised (vanilla Top-K). top_k: torch.topk, but faster
+    top = [top_k(p, cfg.k) for p, in by_rows(probs)]  # (1-tuples)
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
 
-# The cache formats, one entry per method. The entry drives the writer,
-# resume, the checks, --mode verify, the reader and the bench:
-#   target    (probs, cfg, gens) -> a dict of tensors, one per file
-#   loss      the --loss that trains on it
-#   unbiased  E[w] = t (a test checks each entry that says so)
-#   meta      the options it reads, recorded in meta.json
-#   files     name -> (dtype, per, checks). dtype 'ids': token ids, as
-#             the data's (uint16). per: 'position' (one value each), an
-#             option such as 'k' (k each) or 'entry' (ragged). checks:
-#             f(values, starts, meta) -> ok on each batch made or read,
-#             starts its positions' first entries (sums_to(...) makes one)
-#   ragged    the file that counts each position's entries, or None
-#   weights   (a, m) -> (ids, w): a batch's stored arrays a {file: flat
-#             tensor, ids int64} and meta.json m -> each id's weight w
-# The ragged layout: a position's entries follow the previous one's.
-# Sequence s starts at seq_offsets[s]: an entry (--compress false), or
-# a byte of the deflated blocks that hold a sequence's values in all
-# its files (README: Cache format); a crc32 checks each sequence.
-FORMATS = {
-    'rs': dict(
-        target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
-        meta=dict(rounds=int, sampler=str),
-        files=dict(lengths=('uint8', 'position', [at_least_1]),
-                   ids=('ids', 'entry', [in_vocab, ascending]),
-                   counts=('uint8', 'entry', [at_least_1, sums_to('rounds')])),
-        weights=lambda a, m: (a['ids'], a['counts'] / m['rounds'])),  # c / N
-    'topk': dict(
-        target=topk_target, loss='topk', unbiased=False, ragged=None,
-        meta=dict(k=int),
-        files=dict(ids=('ids', 'k', [in_vocab]),
-                   probs=('float16', 'k', [probability, descending])),
-        weights=lambda a, m: (a['ids'], a['probs'].float())),  # t_i
-    'is': dict(
-        target=is_target, loss='rskd', unbiased=True, ragged='lengths',
-        meta=dict(rounds=int, sampler=str, proposal_temperature=float),
-        files=dict(lengths=('uint8', 'position', [at_least_1]),
-                   ids=('ids', 'entry', [in_vocab, ascending]),
-                   counts=('uint8', 'entry', [at_least_1, sums_to('rounds')]),
-                   weights=('float32', 'entry', [positive])),
-        weights=lambda a, m: (a['ids'], a['counts'] / m['rounds'] * a['weights'])),
-}
-
 # ---------------------------------------------------------------
 # the method, part 2: the losses. (B, T, V) logits in, a scalar out, in
-# float32; the sparse ones never build a dense (B, T, V) target
+# float32. The sparse ones read the target at K ids, never a (B, T, V)
+# target (the student's log-softmax is (B, T, V), as in any loss)
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
@@ -260,18 +218,72 @@ def full_kd_loss(logits, teacher_logits):
 def ce_loss(logits, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-# Top-K's remedies for the tail it drops (--topk_tail, the paper's
-# baselines): ghost, smooth and naive put its mass 1 - T_K somewhere
+# The student's objectives, by --loss (or --topk_tail's remedy, below)
+# as f(logits, batch). The batch holds idx and targets (B, T), the
+# cache's ids and w (B, T, K) and, for fullkd, the teacher's logits
+OBJECTIVES = dict(
+    ce=lambda x, b: ce_loss(x, b['targets']),
+    rskd=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
+    topk=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
+    ghost=lambda x, b: ghost_kd_loss(x, b['ids'], b['w']),
+    smooth=lambda x, b: smooth_kd_loss(x, b['ids'], b['w']),
+    naive=lambda x, b: naive_kd_loss(x, b['ids'], b['w'], b['targets']),
+    fullkd=lambda x, b: full_kd_loss(x, b['teacher']),
+)
+
+# ---------------------------------------------------------------
+# the cache formats, one entry per --method: the writer, resume, the
+# checks, verify, the reader, the bench and the tests work from it
+#   target:   (probs, cfg, gens) -> {file name: tensor}
+#   loss:     the --loss that trains on this cache
+#   unbiased: E[w] = t (a test checks every entry that says so)
+#   meta:     the options the target reads; meta.json records them
+#   files:    name -> (dtype, per, checks). dtype 'ids': token ids, in
+#             the data's uint16. per: 'position' (one value each), an
+#             int option ('k': k each) or 'entry' (ragged). checks: each
+#             is f(values, starts, meta) -> bool, run on every batch made
+#             or read; starts: where each position's values begin
+#   ragged:   the file that counts each position's entries, or None
+#   decode:   (stored, meta) -> (ids, w): a batch's files, as flat
+#             tensors, back to each stored id and its weight
+# A ragged file holds a position's entries right after the previous
+# position's; seq_offsets[s] says where sequence s begins
+FORMATS = {
+    'rs': dict(
+        target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
+        meta=dict(rounds=int, sampler=str),
+        files=dict(lengths=('uint8', 'position', [at_least_1]),
+                   ids=('ids', 'entry', [in_vocab, ascending]),
+                   counts=('uint8', 'entry', [at_least_1, sums_to('rounds')])),
+        decode=lambda a, m: (a['ids'], a['counts'] / m['rounds'])),  # c / N
+    'topk': dict(
+        target=topk_target, loss='topk', unbiased=False, ragged=None,
+        meta=dict(k=int),
+        files=dict(ids=('ids', 'k', [in_vocab]),
+                   probs=('float16', 'k', [probability, descending])),
+        decode=lambda a, m: (a['ids'], a['probs'].float())),  # t_i
+    'is': dict(
+        target=is_target, loss='rskd', unbiased=True, ragged='lengths',
+        meta=dict(rounds=int, sampler=str, proposal_temperature=float),
+        files=dict(lengths=('uint8', 'position', [at_least_1]),
+                   ids=('ids', 'entry', [in_vocab, ascending]),
+                   counts=('uint8', 'entry', [at_least_1, sums_to('rounds')]),
+                   weights=('float32', 'entry', [positive])),
+        decode=lambda a, m: (a['ids'], a['counts'] / m['rounds'] * a['weights'])),
+}
+
+# ---------------------------------------------------------------
+# Top-K's remedies, the paper's baselines (skip at first). Each gives
+# the mass that Top-K drops, 1 - T_K with T_K = sum_K t, to something
+
 def ghost_kd_loss(logits, ids, t):
-    # the top K plus one "ghost" bucket for the rest of the mass, with
-    # T_K = sum_K t and P_K = sum_K p:
+    # one extra "ghost" bucket holds the rest of the mass; P_K = sum_K p:
     # L = sum_K t_i log(t_i / p_i) + (1 - T_K) log((1 - T_K) / (1 - P_K))
     logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     logp = logp_all.gather(-1, ids)
     # log(1 - P_K): a logsumexp of the tail's own log p, exact for a tiny
     # tail; the K ids get the lowest float, not -inf (K = V stays finite)
-    lowest = torch.finfo(torch.float32).min
-    tail_logp = logp_all.scatter(-1, ids, lowest)
+    tail_logp = logp_all.scatter(-1, ids, torch.finfo(torch.float32).min)
     log_tail_p = torch.logsumexp(tail_logp, dim=-1)
     has_tail = ids.shape[-1] < logits.shape[-1]  # K < V
     tail_t = (1 - t.sum(-1)).clamp(min=0) * has_tail  # (K = V: 0, not fp16 noise)
@@ -280,8 +292,8 @@ def ghost_kd_loss(logits, ids, t):
     return (head + tail).mean()
 
 def smooth_kd_loss(logits, ids, t):
-    # label smoothing of the leftover mass: the V - K ids outside the top
-    # K share 1 - T_K evenly, u = (1 - T_K) / (V - K) each. Their term
+    # label smoothing: the V - K ids outside the top K share the rest
+    # evenly, u = (1 - T_K) / (V - K) each. Their term
     # sum_j u (log u - log p_j) needs only sum_j log p_j: all V's less K's
     logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
     logp = logp_all.gather(-1, ids)
@@ -295,8 +307,8 @@ def smooth_kd_loss(logits, ids, t):
     return (head + tail).mean()
 
 def naive_kd_loss(logits, ids, t, targets):
-    # the "naive fix": the leftover mass 1 - T_K goes to the label, added
-    # to its weight if it is among the K, else as one more entry
+    # the "naive fix": the rest goes to the label, added to its weight
+    # if it is among the K, else as one more entry
     rest = (1 - t.sum(-1, keepdim=True)).clamp(min=0)
     label = targets.unsqueeze(-1)
     hit = ids == label  # (B, T, K)
@@ -304,20 +316,6 @@ def naive_kd_loss(logits, ids, t, targets):
     w = torch.cat([t + rest * hit, rest * missed], -1)
     ids = torch.cat([ids, label], -1)
     return sparse_kd_loss(logits, ids, w)
-
-# The student's objectives, by --loss, or by --topk_tail for --loss
-# topk: each is f(logits, batch). The batch holds idx and targets
-# (B, T); ids and w (B, T, K), the cache's (w: Top-K's t_i for a topk
-# cache); teacher, the teacher's logits (fullkd: loss_fn adds them)
-OBJECTIVES = dict(
-    ce=lambda x, b: ce_loss(x, b['targets']),
-    rskd=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
-    topk=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
-    ghost=lambda x, b: ghost_kd_loss(x, b['ids'], b['w']),
-    smooth=lambda x, b: smooth_kd_loss(x, b['ids'], b['w']),
-    naive=lambda x, b: naive_kd_loss(x, b['ids'], b['w'], b['targets']),
-    fullkd=lambda x, b: full_kd_loss(x, b['teacher']),
-)
 
 # ---------------------------------------------------------------
 # exactness and speed: how targets are made and read (skip at first)
@@ -377,9 +375,9 @@ def pad_rows(lengths, ids, values):
 
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, V, cfg, env):
-    # a batch's targets, a tensor per file of its format (rows of idx past
-    # len(seqs): padding). Float32 logits, the padded vocab at -inf
-    # (padded=True): the softmax, in place, gives it exactly 0
+    # a batch's targets, one tensor per file of its format. Teachers
+    # give float32 logits; padded=True keeps the padded vocab, at -inf,
+    # so that the softmax (in place) gives it exactly 0
     with env.ctx:
         logits = teacher(idx, padded=True)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
@@ -407,22 +405,21 @@ def run_cache(cfg, env, loaded=None):
         if seqs:
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
-        # .add: each rank encodes its part; rank 0 appends the parts and
-        # commits (fsync, meta.json) in a thread, at most every commit_seconds
+        # .add: rank 0 gathers the parts, appends them, commits in a thread
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
-    # (meta, reader), refused unless the cache trains `loss`. reader(seqs):
-    # a batch's sparse targets (ids, w), each (B, T, K). read(seqs): its
-    # stored arrays, crc32 and value checks passed (unless checked=False)
+    # (meta, reader), refused unless the cache trains `loss`. reader(seqs)
+    # -> (ids, w), each (B, T, K). read(seqs) -> its files, flat tensors,
+    # ids as int64 token ids; crc32 and value checks passed (if checked)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
 
     def reader(seqs):
-        stored = read(seqs)  # file name -> the batch's values
-        ids, w = fmt['weights'](stored, meta)
+        stored = read(seqs)
+        ids, w = fmt['decode'](stored, meta)
         if fmt['ragged']:  # pad to the longest position
             ids, w = pad_rows(stored[fmt['ragged']], ids, w)
         if env.type == 'cuda':  # copied while the GPU works
@@ -434,17 +431,16 @@ def open_cache(cfg, loss, tokens, V, env, checked=True):
 # ---------------------------------------------------------------
 # teacher and train modes: one loop, CE or distillation
 
-NBINS = 15  # confidence bins of the ECE and reliability diagram
-
 @torch.no_grad()
-def evaluate(model, teacher, val, val_seqs, cfg, env):
-    # val loss, calibration (ECE) and agreement with the teacher: sums
-    # over this rank's share of a fixed val subset, then all-reduced
+def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
+    # on a fixed val subset: the loss, calibration (ECE) and, with a
+    # teacher, the KL to it and how often it would accept the student's
+    # guesses. Each rank sums over its share; all_reduce adds them up
     model.eval()
     f64 = dict(dtype=torch.float64, device=env.device)
     nll, n, kl, accept = [torch.zeros((), **f64) for _ in range(4)]
-    # per confidence bin: positions, top-1 confidences, correct guesses
-    bins = torch.zeros(3, NBINS, **f64)
+    # per confidence bin: positions, top-1 probabilities, right guesses
+    bin_n, bin_conf, bin_right = torch.zeros(3, nbins, **f64)
     mine = val_seqs[env.rank::env.world]
     for i in range(0, len(mine), cfg.batch_size):
         seqs = mine[i:i + cfg.batch_size]
@@ -456,30 +452,32 @@ def evaluate(model, teacher, val, val_seqs, cfg, env):
             logp = F.log_softmax(x.float(), dim=-1)  # (rows, V)
             nll += F.nll_loss(logp, yy, reduction='sum')
             n += yy.numel()
-            # ECE = sum_b (n_b / n) |accuracy_b - confidence_b|
-            conf, pred = logp.max(-1)
-            conf, correct = conf.exp(), (pred == yy).float()
-            b = (conf * NBINS).long().clamp(max=NBINS - 1)  # each one's bin
-            per_bin = torch.stack([torch.ones_like(conf), conf, correct])
-            bins.scatter_add_(1, b.expand(3, -1), per_bin.double())
+            logp_top, guess = logp.max(-1)
+            conf = logp_top.exp()  # (rows,) top-1 probabilities
+            b = (conf * nbins).long().clamp(max=nbins - 1)  # their bins
+            bin_n += torch.bincount(b, minlength=nbins)
+            bin_conf.index_add_(0, b, conf.double())
+            bin_right.index_add_(0, b, (guess == yy).double())
             if teacher is not None:
                 logt = F.log_softmax(xt.float(), dim=-1)
                 kl += (logt.exp() * (logt - logp)).sum()
                 # drafting for the teacher, it accepts sum_v min(p, t)
                 accept += torch.minimum(logp.exp(), logt.exp()).sum()
-    sums = dict(nll=nll, n=n, kl=kl, accept=accept, bins=bins)
+    sums = [nll, n, kl, accept, bin_n, bin_conf, bin_right]
     if env.ddp:
-        for t in sums.values():
+        for t in sums:
             dist.all_reduce(t)
-    s = {k: t.tolist() for k, t in sums.items()}
+    nll, n, kl, accept, *bins = [t.tolist() for t in sums]
     model.train()
-    n, bins = s['n'], list(zip(*s['bins']))  # (positions, conf, correct)
-    out = dict(val_loss=s['nll'] / n, val_ppl=math.exp(s['nll'] / n),
-               ece=sum(abs(acc - c) for _, c, acc in bins) / n,
-               reliability=[[m, c / max(m, 1), acc / max(m, 1)]
-                            for m, c, acc in bins])
+    bins = list(zip(*bins))  # per bin: (positions, conf sum, right)
+    # ECE = sum_b |right_b - conf_b| / n: the gap between accuracy and
+    # confidence, bin by bin, weighted by each bin's share of positions
+    out = dict(val_loss=nll / n, val_ppl=math.exp(nll / n),
+               ece=sum(abs(right - c) for _, c, right in bins) / n,
+               reliability=[[m, c / max(m, 1), right / max(m, 1)]
+                            for m, c, right in bins])
     if teacher is not None:
-        out.update(kl_teacher=s['kl'] / n, spec_accept=s['accept'] / n)
+        out.update(kl_teacher=kl / n, spec_accept=accept / n)
     return out
 
 def get_lr(it, cfg):
@@ -509,7 +507,7 @@ def setup_train(cfg, env, ckpt):
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, about = find_teacher(
         cfg, required=loss == 'fullkd', cache_meta=meta, vocab_size=V, env=env)
-    check_model_size(cfg, V, env, teacher)  # before the student
+    check_model_size(cfg, V, env, teacher)  # it must fit in memory
     torch.manual_seed(stream_seed(cfg.seed, INIT))
     model = student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
     optimizer = model.configure_optimizers(
@@ -517,7 +515,8 @@ def setup_train(cfg, env, ckpt):
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
     # exact resume: weights, moments, scaler, RNG, the step `it` and the
-    # best val loss, if the inputs are the same (each: a path and sha256)
+    # best val loss, if the inputs are the same (each: a path and sha256;
+    # the cache's is meta['identity'], which cache_reader adds)
     inputs = dict(cache=meta and meta['identity'], teacher=about,
                   data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
@@ -526,9 +525,11 @@ def setup_train(cfg, env, ckpt):
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))
     val_seqs = np.unique(spread.round().astype(int)).tolist()
 
-    def fetch(micro):  # micro: the run's micro-steps so far; each rank
-        # takes B draws: its batch is number micro * world + rank
-        seqs = draw_seqs(S, cfg.seed, (micro * env.world + env.rank) * B, B)
+    def fetch(n):  # this rank's batch of the run's n-th micro-step
+        if n >= cfg.max_iters * micro_steps:  # past the run's end
+            return None
+        # all ranks' batches, in turn, are one series of draws
+        seqs = draw_seqs(S, cfg.seed, (n * env.world + env.rank) * B, B)
         idx, targets = get_batch(tokens, seqs, T, env)
         batch = dict(idx=idx, targets=targets)
         if reader:
@@ -571,14 +572,14 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, train_tokens = it, 0.0, 0
-    # Ctrl-C, SIGTERM: the ranks' flags, summed with the loss, stop all
-    # together after the step; each step prefetches the next's batch
-    lossf, m, flags = None, {}, []
-    batch = r.fetch(it * r.micro_steps) if it < cfg.max_iters else None
+    # Ctrl-C, SIGTERM: each rank's flags (one per signal) are summed
+    # with the loss, so that all ranks stop together after the step
+    lossf, m, flags = None, {}, []  # flags: summed, after each step
+    batch = r.fetch(it * r.micro_steps)
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            if due and not (ckpt and it == start):  # (a resume's was saved)
+            if due and not (ckpt and it == start):  # (resumed: saved)
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
@@ -609,11 +610,10 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 loss = loss_fn(logits, batch)
                 scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-                # the next micro-step's, read while the GPU works
-                nxt = it * r.micro_steps + micro + 1  # (none past the run)
-                batch = r.fetch(nxt) if nxt < cfg.max_iters * r.micro_steps else None
-            # one all_reduce for the mean loss (gloo has no AVG) and the
-            # ranks' signals; one host sync, with the gradient norm
+                # the next micro-step's batch, read while the GPU works
+                batch = r.fetch(it * r.micro_steps + micro + 1)
+            # one all_reduce: the mean loss (gloo has no AVG) and signal
+            # flags; one host sync with the grad norm (fp16's scaler: two)
             sums = torch.cat([loss_sum.view(1) / env.world, signal_flags(stop, env)])
             if env.ddp:
                 dist.all_reduce(sums)

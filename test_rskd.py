@@ -374,7 +374,7 @@ def test_each_format_that_claims_it_is_unbiased(method):
     fmt, M = rskd.FORMATS[method], 4000
     options = guardrails.recorded_options(rskd.Config(**{o: OPTIONS[o] for o in fmt['meta'] if o in OPTIONS}), fmt)
     stored = fmt['target'](P.expand(1, M, len(P)).clone(), options, [torch.Generator().manual_seed(0)])
-    ids, w = fmt['weights'](stored, vars(options))
+    ids, w = fmt['decode'](stored, vars(options))
     if fmt['ragged']:
         ids, w = rskd.pad_rows(stored[fmt['ragged']], ids, w)
     rows = torch.zeros(M, len(P)).scatter_add_(1, ids.view(M, -1), w.view(M, -1).float()).double()
@@ -441,7 +441,7 @@ def test_rs_draws_tiny_probabilities_at_their_rate():
 
 
 def read_rs_cache_with_numpy(d, seq):
-    """The README's cache format, read with numpy alone: sequence seq's dense (T, V) target counts/rounds."""
+    """The cache format (README, RESULTS.md), read with numpy alone: sequence seq's dense (T, V) target counts/rounds."""
     meta = json.load(open(os.path.join(d, 'meta.json')))
     T, V, N = meta['block_size'], meta['vocab_size'], meta['rounds']
     lengths = np.fromfile(os.path.join(d, 'lengths.bin'), dtype=np.uint8)
@@ -457,9 +457,9 @@ def read_rs_cache_with_numpy(d, seq):
     return dense
 
 
-def test_the_readme_reads_a_cache_with_numpy_alone(caches):
-    # the README's snippet, as written (NumPy 2: a uint8 length plus an offset must not overflow)
-    readme = open(os.path.join(HERE, 'README.md')).read()
+def test_results_md_reads_a_cache_with_numpy_alone(caches):
+    # RESULTS.md's snippet, as written (NumPy 2: a uint8 length plus an offset must not overflow)
+    readme = open(os.path.join(HERE, 'RESULTS.md')).read()
     code = readme[readme.index("```python\nimport json, zlib, numpy as np") + len("```python\n"):]
     code = code[:code.index("```")].replace("'cache-rs/", repr(caches['rs'] + '/')[:-1])
     scope = {}
@@ -909,14 +909,14 @@ def tenths_valid(a, starts, meta):  # the new file's own value check
     return bool((a <= 10).all())
 
 
-def top1_weights(stored, meta):
+def top1_decode(stored, meta):
     return stored['ids'], stored['probs'].float()
 
 
 def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, monkeypatch, capsys):
     # the fork: a target function and one FORMATS entry with a file of its own, trained with an existing
     # loss. Cache mode, the checks, verify, the reader and the bench need nothing else
-    entry = dict(target=top1_target, loss='topk', unbiased=False, ragged=None, weights=top1_weights, meta={},
+    entry = dict(target=top1_target, loss='topk', unbiased=False, ragged=None, decode=top1_decode, meta={},
                  files=dict(ids=('ids', 'position', [guardrails.in_vocab]),
                             probs=('float16', 'position', [guardrails.probability]),
                             tenths=('uint8', 'position', [tenths_valid])))
@@ -959,10 +959,10 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
     assert not os.path.exists(tmp_path / 'c4' / 'meta.json')
     monkeypatch.setitem(rskd.FORMATS['top1'], 'files', good)
     # ... a missing piece of the entry
-    monkeypatch.delitem(rskd.FORMATS['top1'], 'weights')
-    with pytest.raises(RuntimeError, match=r"FORMATS\['top1'\] has no weights"):
+    monkeypatch.delitem(rskd.FORMATS['top1'], 'decode')
+    with pytest.raises(RuntimeError, match=r"FORMATS\['top1'\] has no decode"):
         run(*cache_args(data, teacher, tmp_path / 'c6', '--method', 'top1'))
-    monkeypatch.setitem(rskd.FORMATS['top1'], 'weights', top1_weights)
+    monkeypatch.setitem(rskd.FORMATS['top1'], 'decode', top1_decode)
     # ... a target that fills a file the table does not list
     def extra_file(probs, cfg, gens):
         return dict(top1_target(probs, cfg, gens), weights=torch.ones(1))
