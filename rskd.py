@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-# guardrails.py: what a reader need not open (each call below says
-# what it gives), imported before torch: a Ctrl-C there is one line
+# guardrails.py: what a reader need not open (each name says what it
+# does), imported before torch: a Ctrl-C there is one line
 from guardrails import (
     # value checks of FORMATS' files: f(values, starts, meta) -> ok
     ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
@@ -58,14 +58,14 @@ class Config:
     resume: bool = opt(False, "continue out_dir/ckpt.pt")
     init_from: str = opt('scratch', "student: scratch, gpt2*, HF dir, ckpt")
     max_seqs: int = opt(0, "use the first max_seqs (0: all)")
-    # the student's shape (the teacher's: TEACHER below)
+    # the student's shape (--mode teacher's defaults: TEACHER, below)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "embedding width")
     block_size: int = opt(128, "sequence length T")
     # optimisation
     batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
-    gradient_accumulation_steps: int = opt(1, "micro-batches a step, all ranks (default: 1 a rank)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches a step, all ranks (default: ranks)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -94,7 +94,6 @@ class Config:
     compile: str = opt('auto', "auto: on CUDA", ('auto', 'true', 'false'))
     seed: int = opt(1337, "model init, data order, sampling")
 
-# --mode teacher's defaults (under the command line's): a bigger model
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
@@ -579,7 +578,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            if due and not (ckpt and it == start):  # (resumed: saved)
+            if due and not (ckpt and it == start):  # (else in the ckpt)
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
@@ -646,6 +645,7 @@ def main(argv=None):
         # defaults < a resumed run's config < the command line
         cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
         env = setup(cfg)
+        # one run at a time in the output folder; DDP ended on any exit
         with ddp_teardown(env), folder_lock(output_folder(cfg, env), ckpt):
             if cfg.mode in ('teacher', 'train'):
                 run_train(cfg, env, ckpt)
