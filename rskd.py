@@ -1,8 +1,8 @@
 """
 rskd: Random Sampling Knowledge Distillation ("Sparse Logit
-Sampling", Anshumann et al., ACL 2025). The teacher runs once; at
-each position we keep N draws from its distribution t as ids and
-counts, an unbiased estimate of t, and the student learns from it.
+Sampling", Anshumann et al., ACL 2025). One teacher pass fills a
+cache: N draws from its distribution t at each position, as ids and
+counts, an unbiased estimate of t. The student learns from it.
 
   python prepare_data.py                    # text -> data/
   python rskd.py --mode teacher             # -> out-teacher/
@@ -65,7 +65,7 @@ class Config:
     block_size: int = opt(128, "sequence length T")
     # optimisation
     batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
-    gradient_accumulation_steps: int = opt(1, "micro-batches a step, all ranks (default: ranks)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches a step, all ranks; torchrun's: 1 a rank")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -117,15 +117,15 @@ def get_batch(tokens, seqs, T, env, rows=0):
     padded = list(seqs) + [seqs[-1]] * max(rows - len(seqs), 0)
     first = np.array(padded, dtype=np.int64)[:, None] * T  # (B, 1)
     xy = torch.from_numpy(tokens[first + np.arange(T + 1)].astype(np.int64))
-    if env.type == 'cuda':
+    if env.type == 'cuda':  # pinned: the copy overlaps the GPU's work
         xy = xy.pin_memory().to(env.device, non_blocking=True)
-    return xy[:, :-1].to(env.device), xy[:len(seqs), 1:].to(env.device)
+    return xy[:, :-1], xy[:len(seqs), 1:]
 
-def by_rows(*xs):
-    # (B, T, ...) tensors -> tuples of (rows, ...) chunks, one per x: a
-    # few rows of temporaries, not (B, T, V). CPU: 128 rows; CUDA: 4096
-    rows = 128 if xs[0].device.type == 'cpu' else 4096
-    return zip(*(x.flatten(0, 1).split(rows) for x in xs))
+def by_rows(x):
+    # (B, T, ...) -> chunks of (rows, ...): a few rows of temporaries at
+    # a time, not (B, T, V). CPU: 128 rows; CUDA: 4096
+    rows = 128 if x.device.type == 'cpu' else 4096
+    return x.flatten(0, 1).split(rows)
 
 # every random stream is keyed by (seed, purpose, index) and hashed by
 # numpy's SeedSequence: no two seeds share a data order or a sampling stream
@@ -182,15 +182,14 @@ def is_target(probs, cfg, gens):
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids and probabilities, NOT
     # renormalised (vanilla Top-K). top_k: torch.topk, but faster
-    top = [top_k(p, cfg.k) for p, in by_rows(probs)]  # (1-tuples)
+    top = [top_k(p, cfg.k) for p in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
 
 # ---------------------------------------------------------------
-# the method, part 2: the losses. (B, T, V) logits in, a scalar out, in
-# float32. The sparse ones read the target at K ids, never a (B, T, V)
-# target (the student's log-softmax is (B, T, V), as in any loss)
+# the method, part 2: the losses, (B, T, V) logits in, a float32
+# scalar out. A sparse target is read at its K ids, never made dense
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
@@ -210,7 +209,7 @@ def full_kd_loss(logits, teacher_logits):
     def kl(x, xt):
         logt = F.log_softmax(xt.float(), dim=-1)
         return (logt.exp() * (logt - F.log_softmax(x.float(), dim=-1))).sum()
-    rows = by_rows(logits, teacher_logits)
+    rows = zip(by_rows(logits), by_rows(teacher_logits))
     total = sum(checkpoint(kl, x, xt, use_reentrant=False) for x, xt in rows)
     return total / logits.shape[:2].numel()
 
@@ -272,8 +271,8 @@ FORMATS = {
 }
 
 # ---------------------------------------------------------------
-# Top-K's remedies, the paper's baselines (skip at first). Each gives
-# the mass that Top-K drops, 1 - T_K with T_K = sum_K t, to something
+# Top-K's remedies, the paper's baselines (skip at first): each gives
+# the mass Top-K drops, 1 - T_K (T_K = sum_K t), to something else
 
 def ghost_kd_loss(logits, ids, t):
     # one extra "ghost" bucket holds the rest of the mass; P_K = sum_K p:
@@ -338,11 +337,11 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     uniform = torch.stack([torch.rand(T, width, generator=g, **f64)
                            for g in gens])  # (B, T, rounds or 1)
     draws = []
-    for p, u in by_rows(probs, uniform):  # p (rows, V), u (rows, N or 1)
+    for p, u in zip(by_rows(probs), by_rows(uniform)):
         j = torch.arange(1, rounds + 1, device=u.device)  # (N,)
         points = 1 - u if sampler == 'multinomial' else (j - u) / rounds
-        # (rows, N) points -> token ids: a float64 CDF search, exact,
-        # never a token of probability 0 (invert_cdf, in model.py)
+        # (rows, N) points -> token ids (invert_cdf, in model.py): exact
+        # to float32 rounding, never a token of probability 0
         draws.append(invert_cdf(p, points))
     draws = torch.cat(draws).view(B, T, rounds)
     return draws.sort(-1).values
@@ -410,7 +409,7 @@ def run_cache(cfg, env, loaded=None):
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader), refused unless the cache trains `loss`. reader(seqs)
-    # -> (ids, w), each (B, T, K). read(seqs) -> its files, flat tensors,
+    # -> [ids, w], each (B, T, K). read(seqs) -> its files, flat tensors,
     # ids as int64 token ids; crc32 and value checks passed (if checked)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
@@ -447,7 +446,7 @@ def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
         with env.ctx:  # logits over the V real tokens, (B, T, V)
             logits = model(idx)[:len(seqs)]
             t_logits = logits if teacher is None else teacher(idx)[:len(seqs)]
-        for x, xt, yy in by_rows(logits, t_logits, y):  # rows at a time
+        for x, xt, yy in zip(by_rows(logits), by_rows(t_logits), by_rows(y)):
             logp = F.log_softmax(x.float(), dim=-1)  # (rows, V)
             nll += F.nll_loss(logp, yy, reduction='sum')
             n += yy.numel()
@@ -469,8 +468,7 @@ def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
     nll, n, kl, accept, *bins = [t.tolist() for t in sums]
     model.train()
     bins = list(zip(*bins))  # per bin: (positions, conf sum, right)
-    # ECE = sum_b |right_b - conf_b| / n: the gap between accuracy and
-    # confidence, bin by bin, weighted by each bin's share of positions
+    # ECE = sum_b |right_b - conf_b| / n: accuracy less confidence, by bin
     out = dict(val_loss=nll / n, val_ppl=math.exp(nll / n),
                ece=sum(abs(right - c) for _, c, right in bins) / n,
                reliability=[[m, c / max(m, 1), right / max(m, 1)]
@@ -571,14 +569,16 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, train_tokens = it, 0.0, 0
-    # Ctrl-C, SIGTERM: each rank's flags (one per signal) are summed
-    # with the loss, so that all ranks stop together after the step
-    lossf, m, flags = None, {}, []  # flags: summed, after each step
+    # Ctrl-C, SIGTERM: stop_requested records them, signal_flags makes
+    # them a tensor that rides on the loss's all_reduce, first_signal
+    # reads the sums: every rank stops after the same step
+    lossf, m, flags = None, {}, []
     batch = r.fetch(it * r.micro_steps)
     with stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            if due and not (ckpt and it == start):  # (else in the ckpt)
+            # (a resumed run's first eval is already in its checkpoint)
+            if due and not (ckpt and it == start):
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
