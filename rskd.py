@@ -127,8 +127,8 @@ def by_rows(x):
     rows = 128 if x.device.type == 'cpu' else 4096
     return x.flatten(0, 1).split(rows)
 
-# every random stream is keyed by (seed, purpose, index) and hashed by
-# numpy's SeedSequence: no two seeds share a data order or a sampling stream
+# every random stream is keyed by (seed, purpose, index), hashed by
+# numpy's SeedSequence: seeds give unrelated orders and draws
 INIT, ORDER, SAMPLING = 0, 1, 2
 
 def stream_seed(seed, purpose, index=0):
@@ -327,8 +327,8 @@ def seq_generators(seed, seqs, device):
 def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # `rounds` draws with replacement from each row of probs (B, T, V),
     # sorted; rows need not sum to 1. A point x in (0, 1] picks the token
-    # i whose CDF interval (cdf[i-1], cdf[i]] holds x * sum(p): token i
-    # with probability t_i = p_i / sum(p). multinomial: N points 1 - u, u
+    # whose interval of the CDF holds x * sum(p), each token i being
+    # drawn with probability t_i = p_i / sum(p). multinomial: N points 1 - u, u
     # uniform. systematic: ONE uniform u per row and the points (j - u)/N,
     # j = 1..N: E[c_i] = N t_i still, but each c_i is floor or ceil of it
     B, T, V = probs.shape
@@ -512,8 +512,8 @@ def setup_train(cfg, env, ckpt):
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
     # exact resume: weights, moments, scaler, RNG, the step `it` and the
-    # best val loss, if the inputs are the same (each: a path and sha256;
-    # the cache's is meta['identity'], which cache_reader adds)
+    # best val loss (new: 0, inf), if the inputs are the same (each a
+    # path and sha256; cache_reader adds the cache's, meta['identity'])
     inputs = dict(cache=meta and meta['identity'], teacher=about,
                   data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
