@@ -294,8 +294,8 @@ def peak_flops(device_name):
 
 def invert_cdf(p, points, group_size=16):
     """The token at each point: p (rows, V), unnormalised probabilities; points (rows, N) in (0, 1].
-    Point u picks the token i whose interval (cdf[i-1], cdf[i]] holds u * sum(p): token i with
-    probability p_i / sum(p). The CDF has two levels, accumulated in float64: the group that holds the
+    Point u picks the token whose interval of the CDF (groups in order, then their members) holds
+    u * sum(p): token i with probability p_i / sum(p). The CDF has two levels, accumulated in float64: the group that holds the
     point, then the token in it. A flat float32 CDF would lose probabilities below ~1e-8, and rounding
     could land a point on a token of probability 0: here it never does."""
     V = p.shape[-1]
@@ -312,7 +312,7 @@ def invert_cdf(p, points, group_size=16):
     inner = vals.masked_fill_(cols >= V, 0).cumsum(-1)  # the group's own CDF
     # where the point lies in its group: cdf[group] is the group's END, so (point - end) / mass is in
     # (-1, 0], and + 1 makes it the share of the group's mass below the point; rescaled to the inner
-    # CDF and kept in (0, total], so that it never lands on a zero-probability token
+    # CDF and kept in (0, the group's total], so that it never lands on a zero-probability token
     offset = (points - cdf.gather(-1, group)) / mass.gather(-1, group) + 1
     offset = (offset * inner[..., -1]).clamp_(min=torch.finfo(torch.float64).tiny)
     offset = torch.minimum(offset, inner[..., -1])

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 # guardrails.py: what a reader need not open (each name says what it
-# does), imported before torch: a Ctrl-C there is one line
+# does), imported before torch: a Ctrl-C in its import is one line
 from guardrails import (
     # value checks of FORMATS' files: f(values, starts, meta) -> ok
     ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
@@ -181,7 +181,7 @@ def is_target(probs, cfg, gens):
 
 def topk_target(probs, cfg, gens):
     # the baseline: the K most probable ids and probabilities, NOT
-    # renormalised (vanilla Top-K). top_k: torch.topk, but faster
+    # renormalised (vanilla Top-K). top_k: torch.topk, faster on CPU
     top = [top_k(p, cfg.k) for p in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
@@ -373,9 +373,9 @@ def pad_rows(lengths, ids, values):
 
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, V, cfg, env):
-    # a batch's targets, one tensor per file of its format. Teachers
-    # give float32 logits; padded=True keeps the padded vocab, at -inf,
-    # so that the softmax (in place) gives it exactly 0
+    # a batch's targets, one tensor per file of its format. A loaded
+    # teacher gives float32 logits (model.py: float32_head); padded=True
+    # keeps the padded vocab at -inf: the softmax in place gives it 0
     with env.ctx:
         logits = teacher(idx, padded=True)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
