@@ -286,7 +286,7 @@ def check_model_size(cfg, V, env, teacher=None):
         die(f"{what} needs about {need / 2**30:,.1f} GiB more, this {env.type} has "
             f"{have / 2**30:,.1f}: use a smaller --batch_size (or --n_layer, --n_embd)")
 
-def check_batching(cfg, world, S):
+def micro_steps_per_rank(cfg, world, S):
     """Micro-steps per rank; a step must divide among ranks, fit the data."""
     accum = cfg.gradient_accumulation_steps
     if accum % world:

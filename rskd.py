@@ -26,8 +26,9 @@ from guardrails import (
     ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
     # the run: options, device, data, models, checkpoints, logs
     opt, parse_args, resolve_config, setup, recorded_options, check_data,
-    check_batching, check_model_size, data_fingerprint, load_teacher, find_teacher,
-    student_model, restore, save_checkpoint, load_checkpoint, start_metrics, log_eval, log_step,
+    micro_steps_per_rank, check_model_size, data_fingerprint, load_teacher,
+    find_teacher, student_model, restore, save_checkpoint, load_checkpoint,
+    start_metrics, log_eval, log_step,
     # the cache's files: writer, reader, verify (checked, atomic)
     write_cache, cache_reader, verify_cache,
     # errors, signals, locks: one line, an exit status, no traceback
@@ -40,9 +41,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# model.py: nanoGPT's GPT, but model(idx) -> logits (B, T, V) at every
-# position. group_reduce(x, op): (..., V) -> (..., G), the 'sum' or
-# 'max' of each of G = ceil(V/16) groups (token j is in group j % G)
+# model.py: nanoGPT's GPT, but model(idx) -> (B, T, V) logits, all T.
+# group_reduce(x, op): (..., V) -> (..., G), sum or max by groups j % G
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -65,7 +65,8 @@ class Config:
     block_size: int = opt(128, "sequence length T")
     # optimisation
     batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
-    gradient_accumulation_steps: int = opt(1, "micro-batches a step, all ranks; torchrun's: 1 a rank")
+    gradient_accumulation_steps: int = opt(
+        1, "micro-batches a step, all ranks (torchrun's: 1 a rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -431,9 +432,8 @@ def open_cache(cfg, loss, tokens, V, env, checked=True):
 
 @torch.no_grad()
 def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
-    # on a fixed val subset: the loss, calibration (ECE) and, with a
-    # teacher, the KL to it and how often it would accept the student's
-    # guesses. Each rank sums over its share; all_reduce adds them up
+    # loss, calibration (ECE), KL to the teacher and how often it would
+    # accept the student's guesses: sums over val_seqs, split by rank
     model.eval()
     f64 = dict(dtype=torch.float64, device=env.device)
     nll, n, kl, accept = [torch.zeros((), **f64) for _ in range(4)]
@@ -497,7 +497,7 @@ def setup_train(cfg, env, ckpt):
     tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
-    micro_steps = check_batching(cfg, env.world, S)  # per rank: accum / world
+    micro_steps = micro_steps_per_rank(cfg, env.world, S)  # accum / world
     # targets from the cache; a teacher (the cache's, else --teacher;
     # none in --mode teacher) for fullkd, kl_teacher and spec_accept
     cached = loss in {f['loss'] for f in FORMATS.values()}
