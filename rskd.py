@@ -58,7 +58,7 @@ class Config:
     resume: bool = opt(False, "continue out_dir/ckpt.pt")
     init_from: str = opt('scratch', "student: scratch, gpt2*, HF dir, ckpt")
     max_seqs: int = opt(0, "use the first max_seqs (0: all)")
-    # the student's shape (--mode teacher's defaults: TEACHER, below)
+    # the student's shape (a teacher's, and its other defaults: TEACHER)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "embedding width")
@@ -114,7 +114,7 @@ def load_split(cfg, split, env, max_seqs=0):
 
 def get_batch(tokens, seqs, T, env, rows=0):
     # x = tokens[s*T : s*T+T], y: x shifted by one. x, not y, is padded
-    # to `rows` rows with its last sequence (one shape for the teacher)
+    # to `rows` rows with its last sequence (one shape for a compiled model)
     padded = list(seqs) + [seqs[-1]] * max(rows - len(seqs), 0)
     first = np.array(padded, dtype=np.int64)[:, None] * T  # (B, 1)
     xy = torch.from_numpy(tokens[first + np.arange(T + 1)].astype(np.int64))
@@ -452,8 +452,8 @@ def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
             n += yy.numel()
             logp_top, guess = logp.max(-1)
             conf = logp_top.exp()  # (rows,) top-1 probabilities
-            b = (conf * nbins).long().clamp(max=nbins - 1)  # their bins
-            bin_n += torch.bincount(b, minlength=nbins)
+            b = (conf * nbins).long().clamp(0, nbins - 1)  # their bins
+            bin_n.index_add_(0, b, torch.ones_like(conf, dtype=torch.float64))
             bin_conf.index_add_(0, b, conf.double())
             bin_right.index_add_(0, b, (guess == yy).double())
             if teacher is not None:

@@ -803,6 +803,18 @@ def test_ece_and_spec_accept_by_hand():
     assert abs(m['val_loss'] + torch.log(probs[torch.arange(4), torch.tensor([1, 1, 2, 3])]).mean().item()) < 1e-5
 
 
+def test_an_eval_of_nan_logits_returns_nan_for_the_one_line_check():
+    # a NaN confidence has no bin: evaluate must still return (val_loss NaN), so that check_finite can say
+    # so in one line, rather than fail inside the binning
+    env = rskd.setup(rskd.Config(device='cpu'))
+    cfg = rskd.Config(batch_size=1, block_size=4)
+    val = np.array([0, 1, 1, 2, 3], dtype=np.uint16)
+    logits = torch.zeros(1, 4, 4)
+    logits[0, 2] = float('nan')
+    m = rskd.evaluate(FixedLogits(logits), None, val, [0], cfg, env)
+    assert math.isnan(m['val_loss']) and sum(n for n, _, _ in m['reliability']) == 4
+
+
 FIELDS = {'crc32', 'iter', 'loss', 'seed', 'train_loss', 'tok_s', 'val_loss', 'val_ppl', 'ece', 'reliability', 'kl_teacher', 'spec_accept'}
 
 
