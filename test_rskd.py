@@ -1597,6 +1597,13 @@ def slow_commits(monkeypatch):
     return events
 
 
+def cache_exit_status(data, teacher, d):
+    """The exit status of a cache run into d that ends by SystemExit (a signal, in the tests below)."""
+    with pytest.raises(SystemExit) as e:
+        run(*cache_args(data, teacher, d))
+    return e.value.code
+
+
 def test_cache_commit_runs_beside_the_next_batch(tmp_path, data, teacher, caches, capsys, monkeypatch):
     # a slow disk (each fsync 0.3 s) holds up no batch: the next batch's sampling starts while the commit is in
     # flight. A SIGTERM then, mid-commit: the commit ends, meta.json records it, the lock goes only after it
@@ -1609,9 +1616,7 @@ def test_cache_commit_runs_beside_the_next_batch(tmp_path, data, teacher, caches
         return real_batch(*a)
     monkeypatch.setattr(rskd, 'cache_batch', batch)
     d = tmp_path / 'c'
-    with pytest.raises(SystemExit) as e:
-        run(*cache_args(data, teacher, d))
-    assert e.value.code == 128 + signal.SIGTERM
+    assert cache_exit_status(data, teacher, d) == 128 + signal.SIGTERM
     assert all(t.name != guardrails.COMMIT for t in threading.enumerate())
     assert events[:events.index('synced')].count('batch') == 2  # the 2nd began before the 1st commit's fsync ended
     meta = json.load(open(d / 'meta.json'))
@@ -1636,9 +1641,7 @@ def test_a_signal_while_waiting_for_a_commit(signals, tmp_path, data, teacher, c
         return real_wait(self)
     monkeypatch.setattr(guardrails.CacheWriter, 'wait', wait)
     d = tmp_path / 'c'
-    with pytest.raises(SystemExit) as e:
-        run(*cache_args(data, teacher, d))
-    assert e.value.code == 128 + signal.SIGTERM and capsys.readouterr().err.count('\n') == 1
+    assert cache_exit_status(data, teacher, d) == 128 + signal.SIGTERM and capsys.readouterr().err.count('\n') == 1
     assert all(t.name != guardrails.COMMIT for t in threading.enumerate())
     assert json.load(open(d / 'meta.json'))['seqs_done'] == 4 and open(d / '.lock').read() == ''
     monkeypatch.undo()
@@ -1659,9 +1662,7 @@ def test_a_second_signal_while_the_lock_waits_keeps_the_first(tmp_path, data, te
         return real_batch(*a)
     monkeypatch.setattr(rskd, 'cache_batch', batch)
     d = tmp_path / 'c'
-    with pytest.raises(SystemExit) as e:
-        run(*cache_args(data, teacher, d))
-    assert e.value.code == 128 + signal.SIGTERM and 'interrupted (SIGTERM)' in capsys.readouterr().err
+    assert cache_exit_status(data, teacher, d) == 128 + signal.SIGTERM and 'interrupted (SIGTERM)' in capsys.readouterr().err
     assert json.load(open(d / 'meta.json'))['seqs_done'] == 4 and open(d / '.lock').read() == ''
 
 
