@@ -1327,8 +1327,9 @@ def folder_lock(folder, ckpt=None):
 
 @contextmanager
 def stop_requested():
-    """A list that signals append to; a second signal stops at once."""
-    stop = []
+    """Catches SIGINT and SIGTERM while training: yields a Stop, which
+    records them; a second signal stops at once."""
+    stop = Stop()
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
 
     def request_stop(sig, frame):
@@ -1344,17 +1345,25 @@ def stop_requested():
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def signal_flags(stop, env):
-    """1 for each of SIGNALS that this rank received, as a tensor on its
-    device that can ride on the loss's all_reduce (filled: no host copy)."""
-    flags = torch.zeros(len(SIGNALS), device=env.device)
-    for i in [i for i, sig in enumerate(SIGNALS) if sig in stop]:
-        flags[i] = 1
-    return flags
+class Stop(list):
+    """The signals this rank caught: .flags(env) for the all_reduce, then
+    .seen(flags) and .exit(said) once the flags are reduced."""
+    def flags(self, env):
+        """1 for each of SIGNALS caught, as a tensor on the rank's device
+        that can ride on the loss's all_reduce (filled: no host copy)."""
+        flags = torch.zeros(len(SIGNALS), device=env.device)
+        for i in [i for i, sig in enumerate(SIGNALS) if sig in self]:
+            flags[i] = 1
+        return flags
 
-def first_signal(flags):
-    """The signal that any rank received (0: none), from reduced flags."""
-    return next((sig for sig, f in zip(SIGNALS, flags) if f), 0)
+    def seen(self, flags):
+        """Whether any rank caught a signal, from the reduced flags."""
+        self.first = next((sig for sig, f in zip(SIGNALS, flags) if f), 0)
+        return bool(self.first)
+
+    def exit(self, said):
+        """Ends the run: one line, exit status 128 + the signal."""
+        raise Interrupted(self.first, said)
 
 class Interrupted(Exception):
     """A signal stopped the run: args (signal number[, what it saved])."""

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 # guardrails.py: what a reader need not open (each name says what it
 # does), imported before torch: a Ctrl-C in its import is one line
 from guardrails import (
-    # value checks of FORMATS' files: f(values, starts, meta) -> ok
+    # value checks of FORMATS' files (see FORMATS)
     ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
     # the run: options, device, data, models, checkpoints, logs
     opt, parse_args, resolve_config, setup, recorded_options, check_data,
@@ -32,8 +32,8 @@ from guardrails import (
     # the cache's files: writer, reader, verify (checked, atomic)
     write_cache, cache_reader, verify_cache,
     # errors, signals, locks: one line, an exit status, no traceback
-    die, check_finite, entry_point, Interrupted, stop_requested,
-    signal_flags, first_signal, folder_lock, output_folder, ddp_teardown)
+    die, check_finite, entry_point, stop_requested, folder_lock,
+    output_folder, ddp_teardown)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -57,7 +57,7 @@ class Config:
     teacher: str = opt('out-teacher/ckpt.pt', "ckpt, gpt2, HF dir")
     resume: bool = opt(False, "continue out_dir/ckpt.pt")
     init_from: str = opt('scratch', "student: scratch, gpt2*, HF dir, ckpt")
-    max_seqs: int = opt(0, "use the first max_seqs (0: all)")
+    max_seqs: int = opt(0, "use the first max_seqs, val all (0: all)")
     # the student's shape (a teacher's, and its other defaults: TEACHER)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
@@ -66,7 +66,7 @@ class Config:
     # optimisation
     batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches a step, all ranks (torchrun's: 1 a rank)")
+        1, "micro-batches a step, summed over ranks (default: 1 a rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -77,7 +77,7 @@ class Config:
     eval_interval: int = opt(100, "eval and save every N steps")
     eval_iters: int = opt(10, "val batches per eval")
     log_interval: int = opt(10, "print every N steps")
-    # the student's objective: a key of OBJECTIVES below
+    # the student's objective: --loss (or --topk_tail) picks OBJECTIVES'
     loss: str = opt('rskd', "the student's", ('rskd', 'topk', 'fullkd', 'ce'))
     topk_tail: str = opt('none', "Top-K's rest", ('none', 'ghost', 'smooth', 'naive'))
     alpha: float = opt(0.0, "weight of added label CE")
@@ -98,19 +98,17 @@ class Config:
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
-# guardrails.setup(cfg) gives each run its `env`: ddp (torchrun), rank,
-# world, master (rank 0), device ('cpu', 'cuda:N'), type ('cpu', 'cuda'),
-# name (GPU model), dtype, ctx (autocast or nothing), compile (a bool)
+# guardrails.setup(cfg) -> env: ddp (torchrun), rank, world, master
+# (rank 0), device ('cuda:N'), type ('cuda'), dtype, ctx (autocast), compile
 
 # ---------------------------------------------------------------
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S, V from data/meta.json): the first max_seqs, or all
-    T = cfg.block_size
-    path, n, V = check_data(cfg.data_dir, split, T, max_seqs, env)
+    # (tokens, S, V): the first max_seqs, or all (V: data/meta.json's)
+    path, n, V = check_data(cfg.data_dir, split, cfg.block_size, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
-    return tokens, (n - 1) // T, V
+    return tokens, (n - 1) // cfg.block_size, V
 
 def get_batch(tokens, seqs, T, env, rows=0):
     # x = tokens[s*T : s*T+T], y: x shifted by one. x, not y, is padded
@@ -123,8 +121,7 @@ def get_batch(tokens, seqs, T, env, rows=0):
     return xy[:, :-1], xy[:len(seqs), 1:]
 
 def by_rows(x):
-    # (B, T, ...) -> chunks of (rows, ...): a few rows of temporaries at
-    # a time, not (B, T, V). CPU: 128 rows; CUDA: 4096
+    # (B, T, ...) -> (rows, ...) chunks: temporaries, a few rows at a time
     rows = 128 if x.device.type == 'cpu' else 4096
     return x.flatten(0, 1).split(rows)
 
@@ -136,7 +133,7 @@ def stream_seed(seed, purpose, index=0):
     key = np.random.SeedSequence([seed, purpose, index])
     return int(key.generate_state(1, np.uint64)[0])
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=2)  # a batch may span two epochs
 def epoch_permutation(S, seed, epoch):
     gen = torch.Generator().manual_seed(stream_seed(seed, ORDER, epoch))
     return torch.randperm(S, generator=gen).numpy()
@@ -148,9 +145,47 @@ def draw_seqs(S, seed, start, count):
             for i in range(start, start + count)]
 
 # ---------------------------------------------------------------
-# the method, part 1: sparse targets. The teacher's probabilities
+# the method, part 1: N draws from the teacher's t, and their counts
+
+def sample_draws(probs, rounds, gens, sampler='multinomial'):
+    # probs (B, T, V) -> N = rounds draws (B, T, N), sorted, from each
+    # row (it need not sum to 1); gens: a random generator per sequence.
+    # Token i owns a width p_i of the row's CDF: a point x in (0, 1]
+    # draws the token whose interval holds x * sum(p), so token i with
+    # probability t_i = p_i / sum(p). multinomial: N points 1 - u, u
+    # uniform. systematic: ONE uniform u per row, points (j - u) / N,
+    # j = 1..N: E[c_i] = N t_i still, but c_i is N t_i rounded up or down
+    B, T, V = probs.shape
+    width = rounds if sampler == 'multinomial' else 1
+    f64 = dict(dtype=torch.float64, device=probs.device)
+    uniform = torch.stack([torch.rand(T, width, generator=g, **f64)
+                           for g in gens])  # (B, T, rounds or 1)
+    draws = []
+    for p, u in zip(by_rows(probs), by_rows(uniform)):
+        j = torch.arange(1, rounds + 1, device=u.device)  # (N,)
+        points = 1 - u if sampler == 'multinomial' else (j - u) / rounds
+        # (rows, N) points -> token ids (invert_cdf, in model.py): exact
+        # to float32 rounding, never a token of probability 0
+        draws.append(invert_cdf(p, points))
+    draws = torch.cat(draws).view(B, T, rounds)
+    return draws.sort(-1).values
+
+def run_lengths(draws):
+    # sorted draws (..., N) -> lengths, ids, counts. E.g. the rows
+    # [3 3 7] and [1 1 1] give lengths [2 1] (distinct ids per row),
+    # ids [3 7 1] and counts [2 1 3]: each row's ids, row after row
+    new = torch.ones_like(draws, dtype=torch.bool)  # starts a run
+    # (a row's first draw starts one: no run spans two rows)
+    new[..., 1:] = draws[..., 1:] != draws[..., :-1]
+    starts = new.flatten().nonzero().squeeze(1)  # (one host sync)
+    end = torch.full((1,), draws.numel(), device=draws.device)
+    counts = torch.diff(starts, append=end)  # each run's length
+    return new.sum(-1), draws.flatten()[starts], counts
+
+# ---------------------------------------------------------------
+# the method, part 2: sparse targets. The teacher's probabilities
 # (B, T, V) in, a few ids per position out. cfg: the options that
-# meta.json records; gens: a random generator per sequence
+# meta.json records; gens: as in sample_draws
 
 def rs_target(probs, cfg, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
@@ -170,27 +205,29 @@ def is_target(probs, cfg, gens):
     # to 0 (t_i > 0 and 0 < tau <= 1: never)
     proposal = probs.pow(cfg.proposal_temperature)  # (B, T, V)
     target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
-    # each stored id's position, q_i and t_i. q_i: the proposal over its
-    # row's total, the sampler's float32 group sums added up in float64
     lengths, ids = target['lengths'].flatten(), target['ids']
-    pos = torch.repeat_interleave(lengths, output_size=len(ids))  # row
+    # row[e]: the position (a row of B*T) that entry e belongs to
+    rows = torch.arange(len(lengths), device=ids.device)
+    row = rows.repeat_interleave(lengths, output_size=len(ids))
+    # q_i = proposal_i / its row's total (float64, as in the sampler)
     total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
-    q = proposal.flatten(0, 1)[pos, ids] / total.flatten()[pos]
-    t = probs.flatten(0, 1)[pos, ids]
+    q = proposal.flatten(0, 1)[row, ids] / total.flatten()[row]
+    t = probs.flatten(0, 1)[row, ids]
     target['weights'] = (t / q).float()
     return target
 
 def topk_target(probs, cfg, gens):
-    # the baseline: the K most probable ids and probabilities, NOT
-    # renormalised (vanilla Top-K). top_k: torch.topk, faster on CPU
+    # the baseline: the K most probable ids and probabilities, (B*T, K),
+    # NOT renormalised (vanilla Top-K). top_k: torch.topk, faster on CPU
     top = [top_k(p, cfg.k) for p in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
 
 # ---------------------------------------------------------------
-# the method, part 2: the losses, (B, T, V) logits in, a float32
-# scalar out. A sparse target is read at its K ids, never made dense
+# the method, part 3: the losses, (B, T, V) logits in, a float32
+# scalar out. A target is read at its K ids (B, T, K), never made
+# dense; positions with fewer ids are padded with w = 0 (pad_rows)
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
@@ -200,7 +237,7 @@ def sparse_kd_loss(logits, ids, w):
     # - RS-KD: sum w = 1, so p - w, unbiased for full KD's p - t
     # - importance weights: (sum w) p - w, still p - t on average
     # - Top-K: w = the top K t_i, so (sum_K t) p - t_K: biased.
-    # With sum w != 1 it is no KL, and can be < 0. Padding: w = 0
+    # With sum w != 1 it is no KL, and can be < 0
     logp = F.log_softmax(logits.float(), -1).gather(-1, ids)  # (B, T, K)
     return (torch.xlogy(w, w) - w * logp).sum(-1).mean()
 
@@ -237,16 +274,17 @@ OBJECTIVES = dict(
 #   loss:     the --loss that trains on this cache
 #   unbiased: E[w] = t (a test checks every entry that says so)
 #   meta:     the options the target reads; meta.json records them
-#   files:    name -> (dtype, per, checks). dtype 'ids': token ids, in
-#             the data's uint16. per: 'position' (one value each), an
-#             int option ('k': k each) or 'entry' (ragged). checks: each
-#             is f(values, starts, meta) -> bool, run on every batch made
-#             or read; starts: where each position's values begin
+#   files:    name -> (dtype, per, checks). dtype 'ids': token ids,
+#             the data's uint16. per: a position's values, 'position'
+#             (1), an int option ('k': k) or 'entry' (`ragged` says).
+#             checks: f(values, starts, meta) -> ok, on each batch made
+#             or read; position r's values start at values[starts[r]]
 #   ragged:   the file that counts each position's entries, or None
 #   decode:   (stored, meta) -> (ids, w): a batch's files, as flat
 #             tensors, back to each stored id and its weight
-# A ragged file holds a position's entries right after the previous
-# position's; seq_offsets[s] says where sequence s begins
+# E.g. rs: draws [5 5 9] at a position store lengths 2, ids [5 9] and
+# counts [2 1]. A ragged file holds a position's entries right after
+# the previous position's; seq_offsets[s] says where sequence s begins
 FORMATS = {
     'rs': dict(
         target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
@@ -317,7 +355,7 @@ def naive_kd_loss(logits, ids, t, targets):
     return sparse_kd_loss(logits, ids, w)
 
 # ---------------------------------------------------------------
-# exactness and speed: how targets are made and read (skip at first)
+# cache mode: run the teacher once, store its sparse targets
 
 def seq_generators(seed, seqs, device):
     # a random stream per sequence: the draws do not depend on resume
@@ -325,74 +363,28 @@ def seq_generators(seed, seqs, device):
     return [torch.Generator(device).manual_seed(stream_seed(seed, SAMPLING, s))
             for s in seqs]
 
-def sample_draws(probs, rounds, gens, sampler='multinomial'):
-    # `rounds` draws with replacement from each row of probs (B, T, V),
-    # sorted; rows need not sum to 1. A point x in (0, 1] picks the token
-    # whose interval of the CDF holds x * sum(p), each token i being
-    # drawn with probability t_i = p_i / sum(p). multinomial: N points 1 - u, u
-    # uniform. systematic: ONE uniform u per row and the points (j - u)/N,
-    # j = 1..N: E[c_i] = N t_i still, but each c_i is floor or ceil of it
-    B, T, V = probs.shape
-    width = rounds if sampler == 'multinomial' else 1
-    f64 = dict(dtype=torch.float64, device=probs.device)
-    uniform = torch.stack([torch.rand(T, width, generator=g, **f64)
-                           for g in gens])  # (B, T, rounds or 1)
-    draws = []
-    for p, u in zip(by_rows(probs), by_rows(uniform)):
-        j = torch.arange(1, rounds + 1, device=u.device)  # (N,)
-        points = 1 - u if sampler == 'multinomial' else (j - u) / rounds
-        # (rows, N) points -> token ids (invert_cdf, in model.py): exact
-        # to float32 rounding, never a token of probability 0
-        draws.append(invert_cdf(p, points))
-    draws = torch.cat(draws).view(B, T, rounds)
-    return draws.sort(-1).values
-
-def run_lengths(draws):
-    # sorted draws (..., N) -> (lengths, ids, counts): distinct ids per
-    # row, then each row's distinct ids with how often each was drawn
-    new = torch.ones_like(draws, dtype=torch.bool)
-    # run starts; each row's first draw starts one: runs never span rows
-    new[..., 1:] = draws[..., 1:] != draws[..., :-1]
-    starts = new.flatten().nonzero().squeeze(1)  # (one host sync)
-    end = torch.full((1,), draws.numel(), device=draws.device)
-    counts = torch.diff(starts, append=end)
-    return new.sum(-1), draws.flatten()[starts], counts
-
-def pad_rows(lengths, ids, values):
-    # ragged rows -> (R, K) ids and values, padded with id 0, value 0:
-    # the first lengths[r] slots of each row r, in order, are the entries
-    lengths = lengths.flatten()
-    K = int(lengths.max())
-    real = torch.arange(K, device=ids.device) < lengths[:, None]  # (R, K)
-    out_ids = torch.zeros(real.shape, dtype=torch.long, device=ids.device)
-    out_values = torch.zeros(real.shape, device=ids.device)
-    out_ids[real], out_values[real] = ids.long(), values.float()
-    return out_ids, out_values
-
-# ---------------------------------------------------------------
-# cache mode: run the teacher once, store its sparse targets
-
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, V, cfg, env):
-    # a batch's targets, one tensor per file of its format. A loaded
-    # teacher gives float32 logits (model.py: float32_head); padded=True
-    # keeps the padded vocab at -inf: the softmax in place gives it 0
+    # a batch's targets, a tensor per file of its format. padded=True:
+    # float32 logits over the padded vocab, the pads -inf, so that the
+    # softmax, in place, gives them 0 (model.py: float32_head)
     with env.ctx:
         logits = teacher(idx, padded=True)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    return fmt['target'](probs, recorded_options(cfg, fmt), gens)
+    opts = recorded_options(cfg, fmt)  # cfg, just the fmt['meta'] names
+    return fmt['target'](probs, opts, gens)
 
 def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
-    teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)  # about: name, sha256
+    teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)
     teacher = torch.compile(teacher) if env.compile else teacher
     data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
-    # meta.json records what the cache holds, what made it and how far it
-    # got. None: complete; else a writer: .start (the first sequence to
-    # do), .add(part, ...) for each batch, .finish()
+    # meta.json: what the cache holds, what made it (about, data: a name
+    # or path, a sha256), how far it got. write_cache: None if complete,
+    # else a writer: .start (the first sequence), .add(part...), .finish()
     cache = write_cache(cfg, env, FORMATS, S, V, about, data)
     if cache is None:
         return None
@@ -408,16 +400,27 @@ def run_cache(cfg, env, loaded=None):
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
+def pad_rows(lengths, ids, values):
+    # ragged rows -> (R, K) ids and values, padded with id 0, value 0:
+    # the first lengths[r] slots of each row r, in order, are the entries
+    lengths = lengths.flatten()
+    K = int(lengths.max())
+    real = torch.arange(K, device=ids.device) < lengths[:, None]  # (R, K)
+    out_ids = torch.zeros(real.shape, dtype=torch.long, device=ids.device)
+    out_values = torch.zeros(real.shape, device=ids.device)
+    out_ids[real], out_values[real] = ids.long(), values.float()
+    return out_ids, out_values
+
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader), refused unless the cache trains `loss`. reader(seqs)
-    # -> [ids, w], each (B, T, K). read(seqs) -> its files, flat tensors,
+    # -> [ids, w], each (B, T, K). read_files(seqs): flat tensors,
     # ids as int64 token ids; crc32 and value checks passed (if checked)
     data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
-    meta, read = cache_reader(cfg, loss, V, data, FORMATS, checked)
+    meta, read_files = cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
 
     def reader(seqs):
-        stored = read(seqs)
+        stored = read_files(seqs)
         ids, w = fmt['decode'](stored, meta)
         if fmt['ragged']:  # pad to the longest position
             ids, w = pad_rows(stored[fmt['ragged']], ids, w)
@@ -492,8 +495,7 @@ def setup_train(cfg, env, ckpt):
     loss = 'ce' if cfg.mode == 'teacher' else cfg.loss
     objective = loss if cfg.topk_tail == 'none' else cfg.topk_tail
     if objective != loss and loss != 'topk':  # a remedy for Top-K's tail
-        die(f"--topk_tail {cfg.topk_tail} changes only --loss topk, not "
-            f"--loss {loss}: drop it or use --loss topk")
+        die(f"--topk_tail changes only --loss topk, not --loss {loss}: drop it")
     tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
@@ -525,7 +527,7 @@ def setup_train(cfg, env, ckpt):
     def fetch(n):  # this rank's batch of the run's n-th micro-step
         if n >= cfg.max_iters * micro_steps:  # past the run's end
             return None
-        # all ranks' batches, in turn, are one series of draws
+        # one series of draws: rank 0's B, rank 1's B, ..., then n + 1
         seqs = draw_seqs(S, cfg.seed, (n * env.world + env.rank) * B, B)
         idx, targets = get_batch(tokens, seqs, T, env)
         batch = dict(idx=idx, targets=targets)
@@ -563,15 +565,14 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
         save_checkpoint(ckpt_path, r.model, optimizer, scaler, it, r.best,
                         dict(asdict(cfg), inputs=r.inputs), evals)
-    B, T = cfg.batch_size, cfg.block_size
-    tokens_per_step = B * T * r.micro_steps * env.world
+    tokens_per_step = cfg.batch_size * cfg.block_size * r.micro_steps * env.world
     if env.master:
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
-    start, train_time, train_tokens = it, 0.0, 0
-    # Ctrl-C, SIGTERM: stop_requested records them, signal_flags makes
-    # them a tensor that rides on the loss's all_reduce, first_signal
-    # reads the sums: every rank stops after the same step
+    start, train_time = it, 0.0
+    # Ctrl-C, SIGTERM: `stop` records them. stop.flags(env) rides on
+    # the loss's all_reduce, stop.seen(flags) reads the sum: every rank
+    # stops after the same step, and stop.exit(...) ends the run
     lossf, m, flags = None, {}, []
     batch = r.fetch(it * r.micro_steps)
     with stop_requested() as stop:
@@ -583,7 +584,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
                     r.best = min(r.best, m['val_loss'])
-                    tok_s = train_time and train_tokens / train_time
+                    timed = tokens_per_step * (it - start - 1)
+                    tok_s = train_time and timed / train_time
                     evals.append(dict(
                         iter=it, loss=r.loss, seed=cfg.seed,
                         train_loss=lossf, tok_s=tok_s or None, **m))
@@ -591,11 +593,11 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                     log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
-            if sig := first_signal(flags):
+            if stop.seen(flags):  # (on any rank)
                 if env.master:
                     save(it)
-                raise Interrupted(sig, f"saved {ckpt_path} at iter {it}: resume "
-                                  f"with the same command and --resume true")
+                stop.exit(f"saved {ckpt_path} at iter {it}: resume with "
+                          f"the same command and --resume true")
             lr = get_lr(it, cfg)
             for param_group in optimizer.param_groups:
                 param_group['lr'] = lr
@@ -613,7 +615,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 batch = r.fetch(it * r.micro_steps + micro + 1)
             # one all_reduce: the mean loss (gloo has no AVG) and signal
             # flags; one host sync with the grad norm (fp16's scaler: two)
-            sums = torch.cat([loss_sum.view(1) / env.world, signal_flags(stop, env)])
+            sums = torch.cat([loss_sum.view(1) / env.world, stop.flags(env)])
             if env.ddp:
                 dist.all_reduce(sums)
             scaler.unscale_(optimizer)
@@ -630,11 +632,9 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
             dt = time.time() - t0
             if it > start + 1:  # step 1 warms up: not counted
                 train_time += dt
-                train_tokens += tokens_per_step
             if env.master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
-                mean = train_time / max(it - start - 1, 1)
-                log_step(it, lossf, lr, dt, mean or dt,
-                         tokens_per_step, r.model, cfg, env)
+                step_time = train_time / max(it - start - 1, 1) or dt
+                log_step(it, lossf, lr, dt, step_time, tokens_per_step, r.model, cfg, env)
     if env.master and m:
         print(f"done: {ckpt_path}, val_loss {m['val_loss']:.4f}")
 
@@ -642,10 +642,10 @@ def main(argv=None):
     args = parse_args(Config, argv, TEACHER, __doc__)
     # errors and signals: one line, an exit status, saved work kept
     with entry_point():
-        # defaults < a resumed run's config < the command line
+        # defaults < a resumed run's config < the command line, checked
         cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
         env = setup(cfg)
-        # one run at a time in the output folder; DDP ended on any exit
+        # one run per output folder, and the resumed ckpt as it was loaded
         with ddp_teardown(env), folder_lock(output_folder(cfg, env), ckpt):
             if cfg.mode in ('teacher', 'train'):
                 run_train(cfg, env, ckpt)
