@@ -57,7 +57,7 @@ class Config:
     teacher: str = opt('out-teacher/ckpt.pt', "ckpt, gpt2, HF dir")
     resume: bool = opt(False, "continue out_dir/ckpt.pt")
     init_from: str = opt('scratch', "student: scratch, gpt2*, HF dir, ckpt")
-    max_seqs: int = opt(0, "use the first max_seqs, val all (0: all)")
+    max_seqs: int = opt(0, "the first max_seqs (0: all; training's val: all)")
     # the student's shape (a teacher's, and its other defaults: TEACHER)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
@@ -66,7 +66,7 @@ class Config:
     # optimisation
     batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches a step, summed over ranks (default: 1 a rank)")
+        1, "micro-batches a step, all ranks' (torchrun: default 1 a rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -183,9 +183,8 @@ def run_lengths(draws):
     return new.sum(-1), draws.flatten()[starts], counts
 
 # ---------------------------------------------------------------
-# the method, part 2: sparse targets. The teacher's probabilities
-# (B, T, V) in, a few ids per position out. cfg: the options that
-# meta.json records; gens: as in sample_draws
+# the method, part 2: sparse targets, the teacher's t (B, T, V) in, a
+# few ids a position out. cfg: meta.json's options; gens: as above
 
 def rs_target(probs, cfg, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
@@ -209,7 +208,8 @@ def is_target(probs, cfg, gens):
     # row[e]: the position (a row of B*T) that entry e belongs to
     rows = torch.arange(len(lengths), device=ids.device)
     row = rows.repeat_interleave(lengths, output_size=len(ids))
-    # q_i = proposal_i / its row's total (float64, as in the sampler)
+    # q_i = proposal_i / its row's total, the group sums (model.py) added
+    # in float64 as in the sampler: no float64 copy of (B, T, V)
     total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
     q = proposal.flatten(0, 1)[row, ids] / total.flatten()[row]
     t = probs.flatten(0, 1)[row, ids]
@@ -254,7 +254,52 @@ def full_kd_loss(logits, teacher_logits):
 def ce_loss(logits, targets):
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-# The student's objectives, by --loss (or --topk_tail's remedy, below)
+# Top-K's remedies, the paper's baselines (skip at first): each gives
+# the mass Top-K drops, 1 - T_K (T_K = sum_K t), to something else
+
+def ghost_kd_loss(logits, ids, t):
+    # one extra "ghost" bucket holds the rest of the mass; P_K = sum_K p:
+    # L = sum_K t_i log(t_i / p_i) + (1 - T_K) log((1 - T_K) / (1 - P_K))
+    logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logp = logp_all.gather(-1, ids)
+    # log(1 - P_K): a logsumexp of the tail's own log p, exact for a tiny
+    # tail; the K ids get the lowest float, not -inf (K = V stays finite)
+    tail_logp = logp_all.scatter(-1, ids, torch.finfo(torch.float32).min)
+    log_tail_p = torch.logsumexp(tail_logp, dim=-1)
+    has_tail = ids.shape[-1] < logits.shape[-1]  # K < V
+    tail_t = (1 - t.sum(-1)).clamp(min=0) * has_tail  # (K = V: 0, not fp16 noise)
+    tail = torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p
+    head = (torch.xlogy(t, t) - t * logp).sum(-1)
+    return (head + tail).mean()
+
+def smooth_kd_loss(logits, ids, t):
+    # label smoothing: the V - K ids outside the top K share the rest
+    # evenly, u = (1 - T_K) / (V - K) each. Their term
+    # sum_j u (log u - log p_j) needs only sum_j log p_j: all V's less K's
+    logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logp = logp_all.gather(-1, ids)
+    n_tail = logits.shape[-1] - ids.shape[-1]  # (K = V: none)
+    u = (1 - t.sum(-1)).clamp(min=0) * (n_tail > 0) / max(n_tail, 1)
+    # (row sums by groups, then float64: no float64 copy of logp_all)
+    total = group_reduce(logp_all, 'sum').sum(-1, dtype=torch.float64)
+    tail_logp = (total - logp.sum(-1, dtype=torch.float64)).float()
+    tail = n_tail * torch.xlogy(u, u) - u * tail_logp
+    head = (torch.xlogy(t, t) - t * logp).sum(-1)
+    return (head + tail).mean()
+
+def naive_kd_loss(logits, ids, t, targets):
+    # the "naive fix": the rest goes to the label, added to its weight
+    # if it is among the K, else as one more entry
+    rest = (1 - t.sum(-1, keepdim=True)).clamp(min=0)
+    label = targets.unsqueeze(-1)
+    hit = ids == label  # (B, T, K)
+    missed = ~hit.any(-1, keepdim=True)
+    w = torch.cat([t + rest * hit, rest * missed], -1)
+    ids = torch.cat([ids, label], -1)
+    return sparse_kd_loss(logits, ids, w)
+
+# ---------------------------------------------------------------
+# The student's objectives, by --loss (or --topk_tail's remedy, above)
 # as f(logits, batch). The batch holds idx and targets (B, T), the
 # cache's ids and w (B, T, K) and, for fullkd, the teacher's logits
 OBJECTIVES = dict(
@@ -310,51 +355,6 @@ FORMATS = {
 }
 
 # ---------------------------------------------------------------
-# Top-K's remedies, the paper's baselines (skip at first): each gives
-# the mass Top-K drops, 1 - T_K (T_K = sum_K t), to something else
-
-def ghost_kd_loss(logits, ids, t):
-    # one extra "ghost" bucket holds the rest of the mass; P_K = sum_K p:
-    # L = sum_K t_i log(t_i / p_i) + (1 - T_K) log((1 - T_K) / (1 - P_K))
-    logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    logp = logp_all.gather(-1, ids)
-    # log(1 - P_K): a logsumexp of the tail's own log p, exact for a tiny
-    # tail; the K ids get the lowest float, not -inf (K = V stays finite)
-    tail_logp = logp_all.scatter(-1, ids, torch.finfo(torch.float32).min)
-    log_tail_p = torch.logsumexp(tail_logp, dim=-1)
-    has_tail = ids.shape[-1] < logits.shape[-1]  # K < V
-    tail_t = (1 - t.sum(-1)).clamp(min=0) * has_tail  # (K = V: 0, not fp16 noise)
-    tail = torch.xlogy(tail_t, tail_t) - tail_t * log_tail_p
-    head = (torch.xlogy(t, t) - t * logp).sum(-1)
-    return (head + tail).mean()
-
-def smooth_kd_loss(logits, ids, t):
-    # label smoothing: the V - K ids outside the top K share the rest
-    # evenly, u = (1 - T_K) / (V - K) each. Their term
-    # sum_j u (log u - log p_j) needs only sum_j log p_j: all V's less K's
-    logp_all = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    logp = logp_all.gather(-1, ids)
-    n_tail = logits.shape[-1] - ids.shape[-1]  # (K = V: none)
-    u = (1 - t.sum(-1)).clamp(min=0) * (n_tail > 0) / max(n_tail, 1)
-    # (row sums by groups, then float64: no float64 copy of logp_all)
-    total = group_reduce(logp_all, 'sum').sum(-1, dtype=torch.float64)
-    tail_logp = (total - logp.sum(-1, dtype=torch.float64)).float()
-    tail = n_tail * torch.xlogy(u, u) - u * tail_logp
-    head = (torch.xlogy(t, t) - t * logp).sum(-1)
-    return (head + tail).mean()
-
-def naive_kd_loss(logits, ids, t, targets):
-    # the "naive fix": the rest goes to the label, added to its weight
-    # if it is among the K, else as one more entry
-    rest = (1 - t.sum(-1, keepdim=True)).clamp(min=0)
-    label = targets.unsqueeze(-1)
-    hit = ids == label  # (B, T, K)
-    missed = ~hit.any(-1, keepdim=True)
-    w = torch.cat([t + rest * hit, rest * missed], -1)
-    ids = torch.cat([ids, label], -1)
-    return sparse_kd_loss(logits, ids, w)
-
-# ---------------------------------------------------------------
 # cache mode: run the teacher once, store its sparse targets
 
 def seq_generators(seed, seqs, device):
@@ -373,7 +373,7 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    opts = recorded_options(cfg, fmt)  # cfg, just the fmt['meta'] names
+    opts = recorded_options(cfg, fmt)  # cfg.x for fmt['meta']'s x only
     return fmt['target'](probs, opts, gens)
 
 def run_cache(cfg, env, loaded=None):
@@ -501,7 +501,8 @@ def setup_train(cfg, env, ckpt):
     B, T = cfg.batch_size, cfg.block_size
     micro_steps = micro_steps_per_rank(cfg, env.world, S)  # accum / world
     # targets from the cache; a teacher (the cache's, else --teacher;
-    # none in --mode teacher) for fullkd, kl_teacher and spec_accept
+    # none in --mode teacher) for fullkd, kl_teacher and spec_accept,
+    # and `about` it: its name and sha256
     cached = loss in {f['loss'] for f in FORMATS.values()}
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, about = find_teacher(
@@ -570,9 +571,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time = it, 0.0
-    # Ctrl-C, SIGTERM: `stop` records them. stop.flags(env) rides on
-    # the loss's all_reduce, stop.seen(flags) reads the sum: every rank
-    # stops after the same step, and stop.exit(...) ends the run
+    # Ctrl-C, SIGTERM: `stop` records them. stop.flags(env) rides on the
+    # loss's all_reduce, so every rank stops at one step: stop.seen(flags)
     lossf, m, flags = None, {}, []
     batch = r.fetch(it * r.micro_steps)
     with stop_requested() as stop:
@@ -642,7 +642,7 @@ def main(argv=None):
     args = parse_args(Config, argv, TEACHER, __doc__)
     # errors and signals: one line, an exit status, saved work kept
     with entry_point():
-        # defaults < a resumed run's config < the command line, checked
+        # cfg: defaults < the resumed ckpt's config < the command line
         cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
         env = setup(cfg)
         # one run per output folder, and the resumed ckpt as it was loaded
