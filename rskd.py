@@ -19,21 +19,16 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-# guardrails.py: what a reader need not open (each name says what it
-# does), imported before torch: a Ctrl-C in its import is one line
-from guardrails import (
-    # value checks of FORMATS' files (see FORMATS)
-    ascending, at_least_1, descending, in_vocab, positive, probability, sums_to,
-    # the run: options, device, data, models, checkpoints, logs
-    opt, parse_args, resolve_config, setup, recorded_options, check_data,
-    micro_steps_per_rank, check_model_size, data_fingerprint, load_teacher,
-    find_teacher, student_model, restore, save_checkpoint, load_checkpoint,
-    start_metrics, log_eval, log_step,
-    # the cache's files: writer, reader, verify (checked, atomic)
-    write_cache, cache_reader, verify_cache,
-    # errors, signals, locks: one line, an exit status, no traceback
-    die, check_finite, entry_point, stop_requested, folder_lock,
-    output_folder, ddp_teardown)
+# guardrails.py, what a reader need not open: the command line,
+# checks, loading, checkpoints, the cache's writer and reader, atomic
+# files, locks, one error boundary. Each gr.name(...) says what it
+# does; a comment says what it returns where the name does not.
+# (Imported before torch: a Ctrl-C while torch loads is one line)
+import guardrails as gr
+from guardrails import opt  # a Config field: default, help, choices
+# value checks that FORMATS lists for its files (see FORMATS)
+from guardrails import (ascending, at_least_1, descending, in_vocab,
+                        positive, probability, sums_to)
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -41,8 +36,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# model.py: nanoGPT's GPT, but model(idx) -> (B, T, V) logits, all T.
-# group_reduce(x, op): (..., V) -> (..., G), sum or max by groups j % G
+# model.py: nanoGPT's GPT, but model(idx) -> (B, T, V) logits, all T
+# (padded=True: (B, T, padded V), the pads -inf). Fast kernels: G ~ V/16
+# groups, token j in group j % G; group_reduce(x, op): (..., V) ->
+# (..., G), a group's sum or max; invert_cdf(p, points): the token at
+# each point of p's CDF; top_k(p, k): torch.topk's (values, ids)
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -98,15 +96,16 @@ class Config:
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
-# guardrails.setup(cfg) -> env: ddp (torchrun), rank, world, master
-# (rank 0), device ('cuda:N'), type ('cuda'), dtype, ctx (autocast), compile
+# gr.setup(cfg) -> env: ddp (torchrun), rank, world, master (rank 0),
+# device ('cuda:N'), type ('cuda'), dtype, ctx (autocast), compile
 
 # ---------------------------------------------------------------
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S, V): the first max_seqs, or all (V: data/meta.json's)
-    path, n, V = check_data(cfg.data_dir, split, cfg.block_size, max_seqs, env)
+    # (tokens, S, V): the first max_seqs, or all. check_data: the file,
+    # its tokens to use n (max_seqs: max_seqs * T + 1), meta.json's V
+    path, n, V = gr.check_data(cfg.data_dir, split, cfg.block_size, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
     return tokens, (n - 1) // cfg.block_size, V
 
@@ -200,8 +199,8 @@ def rs_target(probs, cfg, gens):
 def is_target(probs, cfg, gens):
     # importance sampling, the paper's second variant: draw from q ∝ t^tau
     # (tau: --proposal_temperature), weight t_i / q_i. E[c_i / N] = q_i, so
-    # (c_i/N)(t_i/q_i) is unbiased too, where t_i^tau does not underflow
-    # to 0 (t_i > 0 and 0 < tau <= 1: never)
+    # (c_i/N)(t_i/q_i) is unbiased too, unless a t_i > 0 underflows to
+    # t_i^tau = 0, which 0 < tau <= 1 never does
     proposal = probs.pow(cfg.proposal_temperature)  # (B, T, V)
     target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
     lengths, ids = target['lengths'].flatten(), target['ids']
@@ -227,7 +226,7 @@ def topk_target(probs, cfg, gens):
 # ---------------------------------------------------------------
 # the method, part 3: the losses, (B, T, V) logits in, a float32
 # scalar out. A target is read at its K ids (B, T, K), never made
-# dense; positions with fewer ids are padded with w = 0 (pad_rows)
+# dense; the reader pads positions with fewer ids with w = 0
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
@@ -313,14 +312,13 @@ OBJECTIVES = dict(
 )
 
 # ---------------------------------------------------------------
-# the cache formats, one entry per --method: the writer, resume, the
-# checks, verify, the reader, the bench and the tests work from it
+# the cache formats, one per --method: writer, checks, reader, bench
 #   target:   (probs, cfg, gens) -> {file name: tensor}
 #   loss:     the --loss that trains on this cache
 #   unbiased: E[w] = t (a test checks every entry that says so)
 #   meta:     the options the target reads; meta.json records them
 #   files:    name -> (dtype, per, checks). dtype 'ids': token ids,
-#             the data's uint16. per: a position's values, 'position'
+#             meta's ids_dtype, uint16. per: a position's values, 'position'
 #             (1), an int option ('k': k) or 'entry' (`ragged` says).
 #             checks: f(values, starts, meta) -> ok, on each batch made
 #             or read; position r's values start at values[starts[r]]
@@ -373,19 +371,19 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    opts = recorded_options(cfg, fmt)  # cfg.x for fmt['meta']'s x only
+    opts = gr.recorded_options(cfg, fmt)  # cfg.x for fmt['meta']'s x only
     return fmt['target'](probs, opts, gens)
 
 def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
-    teacher, about = loaded or load_teacher(cfg.teacher, V, T, env)
+    teacher, about = loaded or gr.load_teacher(cfg.teacher, V, T, env)
     teacher = torch.compile(teacher) if env.compile else teacher
-    data = data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
+    data = gr.data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # meta.json: what the cache holds, what made it (about, data: a name
     # or path, a sha256), how far it got. write_cache: None if complete,
     # else a writer: .start (the first sequence), .add(part...), .finish()
-    cache = write_cache(cfg, env, FORMATS, S, V, about, data)
+    cache = gr.write_cache(cfg, env, FORMATS, S, V, about, data)
     if cache is None:
         return None
     # one batch per rank: rank r takes sequences lo + r*B .. lo + r*B + B-1
@@ -415,8 +413,8 @@ def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader), refused unless the cache trains `loss`. reader(seqs)
     # -> [ids, w], each (B, T, K). read_files(seqs): flat tensors,
     # ids as int64 token ids; crc32 and value checks passed (if checked)
-    data = data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
-    meta, read_files = cache_reader(cfg, loss, V, data, FORMATS, checked)
+    data = gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
+    meta, read_files = gr.cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
 
     def reader(seqs):
@@ -495,21 +493,21 @@ def setup_train(cfg, env, ckpt):
     loss = 'ce' if cfg.mode == 'teacher' else cfg.loss
     objective = loss if cfg.topk_tail == 'none' else cfg.topk_tail
     if objective != loss and loss != 'topk':  # a remedy for Top-K's tail
-        die(f"--topk_tail changes only --loss topk, not --loss {loss}: drop it")
+        gr.die(f"--topk_tail changes only --loss topk, not --loss {loss}: drop it")
     tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
-    micro_steps = micro_steps_per_rank(cfg, env.world, S)  # accum / world
+    micro_steps = gr.micro_steps_per_rank(cfg, env.world, S)  # accum / world
     # targets from the cache; a teacher (the cache's, else --teacher;
     # none in --mode teacher) for fullkd, kl_teacher and spec_accept,
     # and `about` it: its name and sha256
     cached = loss in {f['loss'] for f in FORMATS.values()}
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
-    teacher, about = find_teacher(
+    teacher, about = gr.find_teacher(
         cfg, required=loss == 'fullkd', cache_meta=meta, vocab_size=V, env=env)
-    check_model_size(cfg, V, env, teacher)  # it must fit in memory
+    gr.check_model_size(cfg, V, env, teacher)  # it must fit in memory
     torch.manual_seed(stream_seed(cfg.seed, INIT))
-    model = student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
+    model = gr.student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
@@ -518,9 +516,9 @@ def setup_train(cfg, env, ckpt):
     # best val loss (new: 0, inf), if the inputs are the same (each a
     # path and sha256; cache_reader adds the cache's, meta['identity'])
     inputs = dict(cache=meta and meta['identity'], teacher=about,
-                  data=data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
-                  val=data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
-    it, best = restore(ckpt, model, optimizer, scaler, inputs, cfg)
+                  data=gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
+                  val=gr.data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
+    it, best = gr.restore(ckpt, model, optimizer, scaler, inputs, cfg)
     # a fixed val subset spread over the split (for a given B, eval_iters)
     spread = np.linspace(0, S_val - 1, min(cfg.eval_iters * B, S_val))
     val_seqs = np.unique(spread.round().astype(int)).tolist()
@@ -561,27 +559,27 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
     # every eval so far (a resumed run takes them from its checkpoint)
-    evals = start_metrics(metrics_path, ckpt) if env.master else []
+    evals = gr.start_metrics(metrics_path, ckpt) if env.master else []
 
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
-        save_checkpoint(ckpt_path, r.model, optimizer, scaler, it, r.best,
-                        dict(asdict(cfg), inputs=r.inputs), evals)
+        gr.save_checkpoint(ckpt_path, r.model, optimizer, scaler, it,
+                           r.best, dict(asdict(cfg), inputs=r.inputs), evals)
     tokens_per_step = cfg.batch_size * cfg.block_size * r.micro_steps * env.world
     if env.master:
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
-    start, train_time = it, 0.0
+    start, train_time = it, 0.0  # (timed from the second step on)
     # Ctrl-C, SIGTERM: `stop` records them. stop.flags(env) rides on the
     # loss's all_reduce, so every rank stops at one step: stop.seen(flags)
-    lossf, m, flags = None, {}, []
+    lossf, m, flags = None, {}, []  # the last step's, and the last eval
     batch = r.fetch(it * r.micro_steps)
-    with stop_requested() as stop:
+    with gr.stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
             # (a resumed run's first eval is already in its checkpoint)
             if due and not (ckpt and it == start):
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
-                check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
+                gr.check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
                     r.best = min(r.best, m['val_loss'])
                     timed = tokens_per_step * (it - start - 1)
@@ -590,7 +588,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                         iter=it, loss=r.loss, seed=cfg.seed,
                         train_loss=lossf, tok_s=tok_s or None, **m))
                     save(it)
-                    log_eval(metrics_path, evals[-1])
+                    gr.log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
             if stop.seen(flags):  # (on any rank)
@@ -624,7 +622,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
             both = torch.cat([sums, grad_norm.view(1).to(sums)])
             lossf, *flags, grad_normf = both.tolist()
             # never step on a NaN: the checkpoint stays the last good state
-            check_finite(it, ckpt_path, lossf, grad_normf, scaled=scaler.is_enabled())
+            gr.check_finite(it, ckpt_path, lossf, grad_normf, scaled=scaler.is_enabled())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -634,27 +632,29 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 train_time += dt
             if env.master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
                 step_time = train_time / max(it - start - 1, 1) or dt
-                log_step(it, lossf, lr, dt, step_time, tokens_per_step, r.model, cfg, env)
+                gr.log_step(it, lossf, lr, dt, step_time, tokens_per_step,
+                            r.model, cfg, env)
     if env.master and m:
         print(f"done: {ckpt_path}, val_loss {m['val_loss']:.4f}")
 
 def main(argv=None):
-    args = parse_args(Config, argv, TEACHER, __doc__)
+    args = gr.parse_args(Config, argv, TEACHER, __doc__)
     # errors and signals: one line, an exit status, saved work kept
-    with entry_point():
+    with gr.entry_point():
         # cfg: defaults < the resumed ckpt's config < the command line
-        cfg, ckpt = resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
-        env = setup(cfg)
-        # one run per output folder, and the resumed ckpt as it was loaded
-        with ddp_teardown(env), folder_lock(output_folder(cfg, env), ckpt):
+        cfg, ckpt = gr.resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
+        env = gr.setup(cfg)
+        # one run per output folder (and --resume's ckpt unchanged since)
+        with gr.ddp_teardown(env), gr.folder_lock(gr.output_folder(cfg, env), ckpt):
             if cfg.mode in ('teacher', 'train'):
                 run_train(cfg, env, ckpt)
             elif cfg.mode == 'cache':
                 run_cache(cfg, env)
             elif cfg.mode == 'verify':  # every sequence and the data
-                verify_cache(cfg, env, FORMATS)
+                gr.verify_cache(cfg, env, FORMATS)
             else:  # OUT_DIR/ckpt.pt as a Hugging Face folder, OUT_DIR/hf
-                export_hf(load_checkpoint(f'{cfg.out_dir}/ckpt.pt'), f'{cfg.out_dir}/hf')
+                ckpt = gr.load_checkpoint(f'{cfg.out_dir}/ckpt.pt')
+                export_hf(ckpt, f'{cfg.out_dir}/hf')
 
 if __name__ == '__main__':
     main()

@@ -488,7 +488,7 @@ def test_cache_files_follow_the_format(caches, data):
     assert (np.add.reduceat(counts.astype(int), np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64)) == 50).all()
     assert ids.max() < V and (offsets[1:] - offsets[:-1] == lengths.reshape(S, T).sum(1)).all()
     cfg = rskd.Config(data_dir=data, cache_dir=d, block_size=16, device='cpu')
-    env = rskd.setup(cfg)
+    env = guardrails.setup(cfg)
     _, targets = rskd.open_cache(cfg, 'rskd', rskd.load_split(cfg, 'train', env)[0], V, env)
     for seq in (0, 7, S - 1):
         ids_, w = targets([seq])
@@ -786,7 +786,7 @@ class FixedLogits(torch.nn.Module):
 
 
 def test_ece_and_spec_accept_by_hand():
-    env = rskd.setup(rskd.Config(device='cpu'))
+    env = guardrails.setup(rskd.Config(device='cpu'))
     cfg = rskd.Config(batch_size=1, block_size=4)
     val = np.array([0, 1, 1, 2, 3], dtype=np.uint16)  # one sequence: x = 0 1 1 2, y = 1 1 2 3
     # top-1 confidences 0.9, 0.9, 0.6, 0.6 predicting token 1 each time: correct, correct, wrong, wrong
@@ -806,7 +806,7 @@ def test_ece_and_spec_accept_by_hand():
 def test_an_eval_of_nan_logits_returns_nan_for_the_one_line_check():
     # a NaN confidence has no bin: evaluate must still return (val_loss NaN), so that check_finite can say
     # so in one line, rather than fail inside the binning
-    env = rskd.setup(rskd.Config(device='cpu'))
+    env = guardrails.setup(rskd.Config(device='cpu'))
     cfg = rskd.Config(batch_size=1, block_size=4)
     val = np.array([0, 1, 1, 2, 3], dtype=np.uint16)
     logits = torch.zeros(1, 4, 4)
@@ -1085,7 +1085,7 @@ def test_bench_rounds_sweep(tmp_path, data, teacher):
     import bench
     cfg = rskd.Config(data_dir=data, teacher=teacher, out_dir=str(tmp_path), block_size=16, batch_size=4,
                       n_layer=1, n_head=2, n_embd=16, device='cpu', seed=3)
-    bench.run_rounds(cfg, rskd.setup(cfg), sweep=(3, 20), n_seqs=8)
+    bench.run_rounds(cfg, guardrails.setup(cfg), sweep=(3, 20), n_seqs=8)
     res = json.load(open(tmp_path / 'rounds.json'))
     multi, syst = (np.array(res['distinct_per_position'][s]) for s in ('multinomial', 'systematic'))
     assert len(multi) == len(syst) == 255 and multi[0] == syst[0] == 1  # one draw, one id
@@ -1116,7 +1116,7 @@ def test_the_gpu_check_runs_end_to_end_on_cpu(tmp_path, data):
     shutil.copytree(data, out / 'data')
     cfg = rskd.Config(out_dir=str(out), device='cpu', seed=3)
     tiny = dict(n_layer=1, n_head=2, n_embd=16)
-    bench.run_gpu_check(cfg, rskd.setup(cfg), dict(tiny, block_size=16), tiny, seqs=16, batch=4, steps=2, tests=False)
+    bench.run_gpu_check(cfg, guardrails.setup(cfg), dict(tiny, block_size=16), tiny, seqs=16, batch=4, steps=2, tests=False)
     res = json.load(open(out / 'gpu_check.json'))
     assert 'cache complete' in res['cache']['last_line'] and 'tok/s' in res['student']['last_line']
     assert set(res['bench']['cache_ratio_vs_fwd']) >= set(rskd.FORMATS) and res['bench']['teacher_fwd_tok_s'] > 0
@@ -1196,14 +1196,14 @@ def test_ddp_a_rank_that_fails_leaves_the_others_one_line(mode, tmp_path, data, 
     # rank 0 stops (a full disk): caching, at its 2nd batch, rank 1 left waiting in the gather; training, at
     # its 2nd checkpoint, rank 1 left in DDP's gradient all_reduce inside the backward. Rank 1 says so in
     # one line, not gloo's traceback
-    target, args = ('cache_batch', cache_args(data, teacher, tmp_path / 'c')) if mode == 'cache' else (
-        'save_checkpoint', ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY,
+    target, args = ('rskd.cache_batch', cache_args(data, teacher, tmp_path / 'c')) if mode == 'cache' else (
+        'rskd.gr.save_checkpoint', ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY,
                             '--max_iters', 6, '--eval_interval', 2, '--out_dir', tmp_path / 'o'])
     dying = tmp_path / 'dying.py'
-    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = rskd.{target}, [0]\n"
+    dying.write_text(f"import errno, os, sys\nsys.path.insert(0, {HERE!r})\nimport rskd\nreal, calls = {target}, [0]\n"
                      f"def dying(*a, **k):\n    calls[0] += 1\n    if os.environ['RANK'] == '0' and calls[0] == 2:\n"
                      f"        raise OSError(errno.ENOSPC, 'No space left on device')\n    return real(*a, **k)\n"
-                     f"rskd.{target} = dying\nrskd.main(sys.argv[1:])\n")
+                     f"{target} = dying\nrskd.main(sys.argv[1:])\n")
     out = torchrun(2, *args, script=dying, ok=False)
     out = out.stdout + out.stderr
     assert 'error: No space left on device' in out, out
@@ -1722,7 +1722,7 @@ def test_damaged_cache_is_caught_before_its_rows_are_used(cache, tmp_path, data,
     src, method = caches[cache], cache.split('-')[0]
     units = cache_units(src)
     cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu')
-    env = rskd.setup(cfg)
+    env = guardrails.setup(cfg)
     tokens = rskd.load_split(cfg, 'train', env)[0]
     for name, (dtype, _) in units.items():
         n = os.path.getsize(os.path.join(src, f'{name}.bin')) // np.dtype(dtype).itemsize
@@ -1770,7 +1770,7 @@ def test_values_are_checked_even_where_a_checksum_matches(compress, tmp_path, da
         buggy_writer(m, lambda arrays: arrays['counts'].__setitem__(0, 0))
         run(*cache_args(data, teacher, tmp_path / 'c', '--max_seqs', 16, '--compress', compress))
     cfg = rskd.Config(data_dir=data, cache_dir=str(tmp_path / 'c'), block_size=16, device='cpu', max_seqs=16)
-    env = rskd.setup(cfg)
+    env = guardrails.setup(cfg)
     _, reader = rskd.open_cache(cfg, 'rskd', rskd.load_split(cfg, 'train', env, 16)[0], V, env)
     reader([1, 2])
     with pytest.raises(SystemExit):
