@@ -49,45 +49,45 @@ from model import export_hf, group_reduce, invert_cdf, top_k
 @dataclass
 class Config:
     mode: str = opt('train', "run", ('teacher', 'cache', 'train', 'verify', 'export'))
-    data_dir: str = opt('data', "from prepare_data.py")
+    data_dir: str = opt('data', "tokens from prepare_data.py")
     out_dir: str = opt('out', "checkpoint and metrics.jsonl")
-    cache_dir: str = opt('cache-rs', "the teacher's cache")
-    teacher: str = opt('out-teacher/ckpt.pt', "ckpt, gpt2, HF dir")
-    resume: bool = opt(False, "continue out_dir/ckpt.pt")
-    init_from: str = opt('scratch', "student: scratch, gpt2*, HF dir, ckpt")
-    max_seqs: int = opt(0, "the first max_seqs (0: all; training's val: all)")
+    cache_dir: str = opt('cache-rs', "the cache that train reads")
+    teacher: str = opt('out-teacher/ckpt.pt', "a ckpt.pt, gpt2* or HF folder")
+    resume: bool = opt(False, "continue from out_dir/ckpt.pt")
+    init_from: str = opt('scratch', "student: scratch, gpt2*, HF folder, ckpt")
+    max_seqs: int = opt(0, "use the first N sequences (0: all; val: all)")
     # the student's shape (a teacher's, and its other defaults: TEACHER)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "embedding width")
     block_size: int = opt(128, "sequence length T")
     # optimisation
-    batch_size: int = opt(16, "sequences a micro-batch (cache: a batch), a rank")
+    batch_size: int = opt(16, "sequences per micro-batch, per rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches a step, all ranks' (torchrun: default 1 a rank)")
+        1, "micro-batches per step, all ranks (torchrun: 1 per rank)")
     max_iters: int = opt(200, "optimizer steps")
-    lr_decay_iters: int = opt(0, "step the cosine ends (0: max_iters)")
+    lr_decay_iters: int = opt(0, "step where the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
     min_lr: float = opt(3e-4, "learning rate at the end")
     warmup_iters: int = opt(20, "linear warmup steps")
-    weight_decay: float = opt(0.1, "AdamW decay of matrices")
+    weight_decay: float = opt(0.1, "AdamW weight decay, matrices only")
     grad_clip: float = opt(1.0, "gradient norm clip (0: off)")
     eval_interval: int = opt(100, "eval and save every N steps")
     eval_iters: int = opt(10, "val batches per eval")
     log_interval: int = opt(10, "print every N steps")
     # the student's objective: --loss (or --topk_tail) picks OBJECTIVES'
-    loss: str = opt('rskd', "the student's", ('rskd', 'topk', 'fullkd', 'ce'))
-    topk_tail: str = opt('none', "Top-K's rest", ('none', 'ghost', 'smooth', 'naive'))
-    alpha: float = opt(0.0, "weight of added label CE")
+    loss: str = opt('rskd', "the objective", ('rskd', 'topk', 'fullkd', 'ce'))
+    topk_tail: str = opt('none', "Top-K's remedy", ('none', 'ghost', 'smooth', 'naive'))
+    alpha: float = opt(0.0, "weight of an added label CE")
     # what --mode cache stores: a key of FORMATS below
     method: str = opt('rs', "the sparse target to cache")
-    sampler: str = opt('multinomial', "rs and is's", ('multinomial', 'systematic'))
+    sampler: str = opt('multinomial', "how rs/is draw", ('multinomial', 'systematic'))
     rounds: int = opt(50, "rs and is: draws per position, 1..255")
-    proposal_temperature: float = opt(1.0, "is: q ∝ t^tau")
+    proposal_temperature: float = opt(1.0, "is: draws from q ∝ t^tau")
     k: int = opt(12, "topk: ids per position")
     split: str = opt('train', "what to cache", ('train', 'val'))
-    commit_seconds: float = opt(5.0, "fsync at most this often")
-    compress: bool = opt(True, "store each sequence deflated")
+    commit_seconds: float = opt(5.0, "cache: fsync at most this often")
+    compress: bool = opt(True, "cache: deflate each sequence")
     device: str = opt('auto', "auto | cpu | cuda | cuda:N")
     dtype: str = opt('auto', "GPU: bf16|fp16", ('auto', 'float32', 'bfloat16', 'float16'))
     compile: str = opt('auto', "auto: on CUDA", ('auto', 'true', 'false'))
@@ -568,7 +568,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     if env.master:
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
-    start, train_time = it, 0.0  # (timed from the second step on)
+    start, train_time, timed = it, 0.0, 0  # timed: steps in train_time
     # Ctrl-C, SIGTERM: `stop` records them. stop.flags(env) rides on the
     # loss's all_reduce, so every rank stops at one step: stop.seen(flags)
     lossf, m, flags = None, {}, []  # the last step's, and the last eval
@@ -582,8 +582,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 gr.check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line
                     r.best = min(r.best, m['val_loss'])
-                    timed = tokens_per_step * (it - start - 1)
-                    tok_s = train_time and timed / train_time
+                    tok_s = timed and tokens_per_step * timed / train_time
                     evals.append(dict(
                         iter=it, loss=r.loss, seed=cfg.seed,
                         train_loss=lossf, tok_s=tok_s or None, **m))
@@ -628,10 +627,10 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
             optimizer.zero_grad(set_to_none=True)
             it += 1
             dt = time.time() - t0
-            if it > start + 1:  # step 1 warms up: not counted
-                train_time += dt
+            if it > start + 1:  # the first step warms up: not timed
+                train_time, timed = train_time + dt, timed + 1
             if env.master and (it % cfg.log_interval == 0 or it == cfg.max_iters):
-                step_time = train_time / max(it - start - 1, 1) or dt
+                step_time = train_time / timed if timed else dt
                 gr.log_step(it, lossf, lr, dt, step_time, tokens_per_step,
                             r.model, cfg, env)
     if env.master and m:
