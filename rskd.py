@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
-# config: each field is opt(default, --help text, choices)
+# config: opt(default, --help text, choices) makes a dataclass field
 
 @dataclass
 class Config:
@@ -55,7 +55,7 @@ class Config:
     teacher: str = opt('out-teacher/ckpt.pt', "a ckpt.pt, gpt2* or HF folder")
     resume: bool = opt(False, "continue from out_dir/ckpt.pt")
     init_from: str = opt('scratch', "student: scratch, gpt2*, HF folder, ckpt")
-    max_seqs: int = opt(0, "use the first N sequences (0: all; val: all)")
+    max_seqs: int = opt(0, "use the first N sequences (0: all); evals: all val")
     # the student's shape (a teacher's, and its other defaults: TEACHER)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
@@ -64,7 +64,7 @@ class Config:
     # optimisation
     batch_size: int = opt(16, "sequences per micro-batch, per rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches per step, all ranks (torchrun: 1 per rank)")
+        1, "micro-batches per step, all ranks (torchrun's default: one a rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step where the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -89,7 +89,8 @@ class Config:
     commit_seconds: float = opt(5.0, "cache: fsync at most this often")
     compress: bool = opt(True, "cache: deflate each sequence")
     device: str = opt('auto', "auto | cpu | cuda | cuda:N")
-    dtype: str = opt('auto', "GPU: bf16|fp16", ('auto', 'float32', 'bfloat16', 'float16'))
+    dtype: str = opt('auto', "auto: float32 on CPU, bfloat16 or float16 on GPU",
+                     ('auto', 'float32', 'bfloat16', 'float16'))
     compile: str = opt('auto', "auto: on CUDA", ('auto', 'true', 'false'))
     seed: int = opt(1337, "model init, data order, sampling")
 
@@ -104,7 +105,7 @@ TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
 
 def load_split(cfg, split, env, max_seqs=0):
     # (tokens, S, V): the first max_seqs, or all. check_data: the file,
-    # its tokens to use n (max_seqs: max_seqs * T + 1), meta.json's V
+    # n tokens to use (max_seqs * T + 1, or all), data/meta.json's V
     path, n, V = gr.check_data(cfg.data_dir, split, cfg.block_size, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
     return tokens, (n - 1) // cfg.block_size, V
@@ -394,7 +395,7 @@ def run_cache(cfg, env, loaded=None):
         if seqs:
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
-        # .add: rank 0 gathers the parts, appends them, commits in a thread
+        # .add, on every rank: rank 0 gathers, appends, commits (a thread)
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
@@ -620,7 +621,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 r.model.parameters(), cfg.grad_clip or math.inf)
             both = torch.cat([sums, grad_norm.view(1).to(sums)])
             lossf, *flags, grad_normf = both.tolist()
-            # never step on a NaN: the checkpoint stays the last good state
+            # never step on a NaN (scaled: fp16's scaler skips its own infs)
             gr.check_finite(it, ckpt_path, lossf, grad_normf, scaled=scaler.is_enabled())
             scaler.step(optimizer)
             scaler.update()
