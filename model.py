@@ -304,7 +304,7 @@ def invert_cdf(p, points, group_size=16):
     total = cdf[:, -1:]
     if not bool(((total > 0) & (total < math.inf)).all()):  # nothing to draw from (one sync)
         raise FloatingPointError("a row to sample has no finite mass: the teacher's probabilities are not "
-                                 "finite, or a --proposal_temperature far from 1 underflowed them; use one closer to 1")
+                                 "finite, or a --proposal_temperature above 1 underflowed them; use one closer to 1")
     points = points * total  # (rows, N)
     group = torch.searchsorted(cdf, points).clamp_(max=cdf.shape[-1] - 1)  # the first cdf >= point
     cols = group_members(group, V, group_size)  # (rows, N, members)

@@ -51,11 +51,11 @@ class Config:
     mode: str = opt('train', "run", ('teacher', 'cache', 'train', 'verify', 'export'))
     data_dir: str = opt('data', "tokens from prepare_data.py")
     out_dir: str = opt('out', "checkpoint and metrics.jsonl")
-    cache_dir: str = opt('cache-rs', "the cache that train reads")
+    cache_dir: str = opt('cache-rs', "cache writes it, train reads it")
     teacher: str = opt('out-teacher/ckpt.pt', "a ckpt.pt, gpt2* or HF folder")
     resume: bool = opt(False, "continue from out_dir/ckpt.pt")
     init_from: str = opt('scratch', "student: scratch, gpt2*, HF folder, ckpt")
-    max_seqs: int = opt(0, "use the first N sequences (0: all); evals: all val")
+    max_seqs: int = opt(0, "use the first N sequences (0: all); not val's in train")
     # the student's shape (a teacher's, and its other defaults: TEACHER)
     n_layer: int = opt(2, "transformer blocks")
     n_head: int = opt(4, "attention heads")
@@ -158,17 +158,17 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     B, T, V = probs.shape
     width = rounds if sampler == 'multinomial' else 1
     f64 = dict(dtype=torch.float64, device=probs.device)
-    uniform = torch.stack([torch.rand(T, width, generator=g, **f64)
-                           for g in gens])  # (B, T, rounds or 1)
-    draws = []
-    for p, u in zip(by_rows(probs), by_rows(uniform)):
-        j = torch.arange(1, rounds + 1, device=u.device)  # (N,)
-        points = 1 - u if sampler == 'multinomial' else (j - u) / rounds
-        # (rows, N) points -> token ids (invert_cdf, in model.py): exact
-        # to float32 rounding, never a token of probability 0
-        draws.append(invert_cdf(p, points))
-    draws = torch.cat(draws).view(B, T, rounds)
-    return draws.sort(-1).values
+    u = torch.stack([torch.rand(T, width, generator=g, **f64)
+                     for g in gens])  # (B, T, N or 1), uniform in [0, 1)
+    if sampler == 'multinomial':
+        points = 1 - u  # (B, T, N)
+    else:  # j = 1..N
+        points = (torch.arange(1, rounds + 1, **f64) - u) / rounds
+    # points -> token ids (invert_cdf, in model.py), a few rows at a
+    # time: exact to float32 rounding, never a token of probability 0
+    rows = zip(by_rows(probs), by_rows(points))
+    draws = torch.cat([invert_cdf(p, x) for p, x in rows])
+    return draws.view(B, T, rounds).sort(-1).values
 
 def run_lengths(draws):
     # sorted draws (..., N) -> lengths, ids, counts. E.g. the rows
@@ -206,8 +206,8 @@ def is_target(probs, cfg, gens):
     target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
     lengths, ids = target['lengths'].flatten(), target['ids']
     # row[e]: the position (a row of B*T) that entry e belongs to
-    rows = torch.arange(len(lengths), device=ids.device)
-    row = rows.repeat_interleave(lengths, output_size=len(ids))
+    positions = torch.arange(len(lengths), device=ids.device)
+    row = positions.repeat_interleave(lengths, output_size=len(ids))
     # q_i = proposal_i / its row's total, the group sums (model.py) added
     # in float64 as in the sampler: no float64 copy of (B, T, V)
     total = group_reduce(proposal, 'sum').sum(-1, dtype=torch.float64)
@@ -226,8 +226,8 @@ def topk_target(probs, cfg, gens):
 
 # ---------------------------------------------------------------
 # the method, part 3: the losses, (B, T, V) logits in, a float32
-# scalar out. A target is read at its K ids (B, T, K), never made
-# dense; the reader pads positions with fewer ids with w = 0
+# scalar out. A target is read at its ids (B, T, K), never made dense.
+# K: Top-K's k, or a batch's most ids at a position; the rest pad, w = 0
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
@@ -559,8 +559,9 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         return loss / r.micro_steps
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    # every eval so far (a resumed run takes them from its checkpoint)
+    # every eval so far, and their steps (a resumed run: its checkpoint's)
     evals = gr.start_metrics(metrics_path, ckpt) if env.master else []
+    evaluated = {e['iter'] for e in ckpt['evals']} if ckpt else set()
 
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
         gr.save_checkpoint(ckpt_path, r.model, optimizer, scaler, it,
@@ -577,8 +578,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     with gr.stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            # (a resumed run's first eval is already in its checkpoint)
-            if due and not (ckpt and it == start):
+            if due and it not in evaluated:
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 gr.check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
                 if env.master:  # the checkpoint, then its line

@@ -1532,6 +1532,20 @@ def test_ctrl_c_saves_and_resume_matches(tmp_path, data, caches):
     assert all(torch.equal(ref[k], res[k]) for k in ref)
 
 
+def test_a_resume_at_a_step_that_was_not_evaluated_evaluates_it(tmp_path, data, caches):
+    # Ctrl-C saves at iter 5, between evals (every 4); resumed with --max_iters 5, the run ends there,
+    # and iter 5's eval, which the checkpoint does not hold, is made and recorded
+    args = [str(a) for a in train_args(data, caches, tmp_path)]
+    script = kill_script('rskd.draw_seqs', 6, f"rskd.main({args!r})", signal.SIGINT)
+    p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=child_env())
+    assert p.returncode == 130, p.stdout + p.stderr
+    run(*args, '--resume', 'true', '--max_iters', 5)
+    lines = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+    assert [m['iter'] for m in lines] == [0, 4, 5]
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 5 and [e['iter'] for e in ckpt['evals']] == [0, 4, 5]
+
+
 def test_sigkill_while_saving_keeps_the_last_good_checkpoint(tmp_path, data, caches):
     run(*train_args(data, caches, tmp_path / 'ref'))
     args = [str(a) for a in train_args(data, caches, tmp_path / 'k')]
