@@ -317,15 +317,16 @@ OBJECTIVES = dict(
 #   target:   (probs, cfg, gens) -> {file name: tensor}
 #   loss:     the --loss that trains on this cache
 #   unbiased: E[w] = t (a test checks every entry that says so)
-#   meta:     the options the target reads; meta.json records them
+#   meta:     {option: type}, the Config fields the target reads;
+#             meta.json records them (below, `meta`: meta.json's dict)
 #   files:    name -> (dtype, per, checks). dtype 'ids': token ids,
-#             meta's ids_dtype, uint16. per: a position's values, 'position'
-#             (1), an int option ('k': k) or 'entry' (`ragged` says).
-#             checks: f(values, starts, meta) -> ok, on each batch made
-#             or read; position r's values start at values[starts[r]]
+#             always uint16. per: a position's values, 'position' (1),
+#             an int option ('k': k) or 'entry' (`ragged` says). checks:
+#             f(values, starts, meta) -> ok, on each batch made or read;
+#             position r's values start at values[starts[r]]
 #   ragged:   the file that counts each position's entries, or None
 #   decode:   (stored, meta) -> (ids, w): a batch's files, as flat
-#             tensors, back to each stored id and its weight
+#             tensors, back to each stored id and its weight w
 # E.g. rs: draws [5 5 9] at a position store lengths 2, ids [5 9] and
 # counts [2 1]. A ragged file holds a position's entries right after
 # the previous position's; seq_offsets[s] says where sequence s begins
@@ -547,13 +548,12 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         model, teacher = torch.compile(model), teacher and torch.compile(teacher)
     gpu = [torch.device(env.device).index] if env.type == 'cuda' else None
     train_model = DDP(model, device_ids=gpu) if env.ddp else model
-    objective = OBJECTIVES[r.objective]
 
     def loss_fn(logits, batch):
         if r.loss == 'fullkd':  # the teacher runs online
             with torch.no_grad(), env.ctx:
                 batch['teacher'] = teacher(batch['idx'])
-        loss = objective(logits, batch)
+        loss = OBJECTIVES[r.objective](logits, batch)
         if cfg.alpha:  # label CE mixed in (the paper has none)
             loss = loss + cfg.alpha * ce_loss(logits, batch['targets'])
         return loss / r.micro_steps
