@@ -30,8 +30,9 @@ from dataclasses import asdict, field, fields, replace
 from types import SimpleNamespace
 
 def interrupted_while_starting(sig, frame):
-    """Ctrl-C in the second or two before entry_point, while torch loads:
-    one line, not Python's traceback; nothing was done yet."""
+    """Ctrl-C or SIGTERM in the second or two before entry_point, while
+    torch loads: one line, not Python's traceback or silence; nothing was
+    done yet."""
     print(f"interrupted ({signal.Signals(sig).name}) while starting: nothing "
           f"was done", file=sys.stderr, flush=True)
     os._exit(128 + sig)
@@ -40,7 +41,8 @@ def interrupted_while_starting(sig, frame):
 # a program that imports them (pytest, a notebook): it keeps its own
 MAIN = getattr(sys.modules['__main__'], '__file__', None)
 if MAIN and os.path.dirname(os.path.realpath(MAIN)) == os.path.dirname(os.path.realpath(__file__)):
-    signal.signal(signal.SIGINT, interrupted_while_starting)
+    for early in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(early, interrupted_while_starting)
 
 import numpy as np  # noqa: E402 (after the handler)
 import torch  # noqa: E402
@@ -1408,9 +1410,9 @@ def entry_point():
         path = e.filename2 or e.filename  # (a rename's destination is filename2)
         die(f"{e.strerror or e}{': ' + str(path) if path else ''}: fix that and rerun the "
             f"same command; work saved before is intact")
-    finally:
+    finally:  # (a signal on the way out is not "while starting": ignored)
         for s, h in handlers.items():
-            signal.signal(s, h)
+            signal.signal(s, signal.SIG_IGN if h is interrupted_while_starting else h)
 
 @contextmanager
 def ddp_teardown(env):

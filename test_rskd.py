@@ -581,11 +581,14 @@ def test_a_cache_whose_meta_stops_short_of_complete_is_finished_by_a_rerun(tmp_p
     assert 'nothing to do' in capsys.readouterr().out
 
 
-@pytest.mark.parametrize('script', ['rskd.py', 'bench.py', 'sample.py', 'prepare_data.py'])
-def test_ctrl_c_while_the_modules_load_is_one_line(script, tmp_path):
-    # torch takes a second or two to import, before any entry point runs: a Ctrl-C then is one line and
-    # exit 130, not Python's traceback. A stand-in numpy that hangs holds the script inside its imports,
-    # just past the guard rails' (each script imports them first)
+@pytest.mark.parametrize('script, sig', [('rskd.py', signal.SIGINT), ('bench.py', signal.SIGINT),
+                                         ('sample.py', signal.SIGINT), ('prepare_data.py', signal.SIGINT),
+                                         ('rskd.py', signal.SIGTERM), ('prepare_data.py', signal.SIGTERM)])
+def test_ctrl_c_while_the_modules_load_is_one_line(script, sig, tmp_path):
+    # torch takes a second or two to import, before any entry point runs: a Ctrl-C (or a SIGTERM) then is
+    # one line and exit 128 + the signal, not Python's traceback or a silent death. A stand-in numpy that
+    # hangs holds the script inside its imports, just past the guard rails' (each script imports them
+    # first)
     loading = tmp_path / 'loading'
     (tmp_path / 'numpy.py').write_text(f"open({str(loading)!r}, 'w').close()\nimport time\ntime.sleep(60)\n")
     p = subprocess.Popen([sys.executable, os.path.join(HERE, script)], cwd=tmp_path, text=True,
@@ -593,11 +596,27 @@ def test_ctrl_c_while_the_modules_load_is_one_line(script, tmp_path):
     deadline = time.time() + 60
     while not loading.exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert (p.returncode, err) == (130, "interrupted (SIGINT) while starting: nothing was done\n"), err
+    line = f"interrupted ({sig.name}) while starting: nothing was done\n"
+    assert (p.returncode, err) == (128 + sig, line), err
     # a program that imports the modules (pytest here) keeps its own Ctrl-C
     assert signal.getsignal(signal.SIGINT) is not guardrails.interrupted_while_starting
+
+
+def test_a_signal_on_the_way_out_is_not_called_one_while_starting():
+    # a script's early handler is left behind once its entry point is done (a second Ctrl-C as a stopped
+    # run exits printed "interrupted while starting" after the real line): on the way out, signals are
+    # ignored instead
+    before = {s: signal.signal(s, guardrails.interrupted_while_starting) for s in guardrails.SIGNALS}
+    try:
+        with pytest.raises(SystemExit):
+            with guardrails.entry_point():
+                raise guardrails.Interrupted(signal.SIGINT)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in guardrails.SIGNALS)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 def test_ctrl_c_in_cache_mode_is_one_line_and_resumes(tmp_path, data, teacher, caches):
