@@ -5,7 +5,7 @@ rule (every file rskd writes records the crc32 of its contents, and
 every read checks it before use), atomic writes, checkpoint, teacher
 and cache I/O (as each rskd.FORMATS entry describes its files), one
 lock per output folder, and one error boundary per entry point (and a
-Ctrl-C while the modules load is one line too).
+Ctrl-C or SIGTERM while the modules load is one line too).
 
 A problem the user can fix calls die(): one line, what to do, exit 1.
 """
