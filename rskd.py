@@ -19,14 +19,14 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-# guardrails.py, what a reader need not open: the command line,
-# checks, loading, checkpoints, the cache's writer and reader, atomic
-# files, locks, one error boundary. Each gr.name(...) says what it
-# does; a comment says what it returns where the name does not.
-# (Imported before torch: a Ctrl-C while torch loads is one line)
+# guardrails.py, what a reader need not open (checks, loading, the
+# cache's files, locks, errors), called as gr.name(...). Imported
+# before torch: a Ctrl-C while torch loads is one line
 import guardrails as gr
 from guardrails import opt  # a Config field: default, help, choices
-# value checks that FORMATS lists for its files (see FORMATS)
+# FORMATS' value checks: in_vocab (0 <= id < V), at_least_1, positive,
+# probability (in [0, 1]), ascending (strictly) and descending (never
+# rising) within a position, sums_to(o): a position sums to meta[o]
 from guardrails import (ascending, at_least_1, descending, in_vocab,
                         positive, probability, sums_to)
 import numpy as np
