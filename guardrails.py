@@ -695,8 +695,8 @@ def check_format(method, formats, config_cls=None, objectives=None):
 
 class RecordedOptions(SimpleNamespace):
     def __getattr__(self, name):  # (called only for a name not there)
-        raise AttributeError(f"a target read cfg.{name}, which its FORMATS entry's meta does "
-                             f"not record: add {name} there, so that the cache records it")
+        raise AttributeError(f"a target read the option {name}, which its FORMATS entry's meta "
+                             f"does not record: add {name} there, so that the cache records it")
 
 def recorded_options(cfg, fmt):
     """The options a target may read: those its meta.json records."""

@@ -184,26 +184,26 @@ def run_lengths(draws):
 
 # ---------------------------------------------------------------
 # the method, part 2: sparse targets, the teacher's t (B, T, V) in, a
-# few ids a position out. cfg: meta.json's options; gens: as above
+# few ids a position out. opts: cfg's fmt['meta'] only; gens: as above
 
-def rs_target(probs, cfg, gens):
+def rs_target(probs, opts, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
     # replacement, and store each distinct id once with its count c_i.
     # t^s_i = c_i / N is UNBIASED, E[c_i] = N t_i, so the student's
     # gradient p - t^s (per position) is full KD's p - t in expectation
-    draws = sample_draws(probs, cfg.rounds, gens, cfg.sampler)  # (B, T, N)
+    draws = sample_draws(probs, opts.rounds, gens, opts.sampler)  # (B, T, N)
     lengths, ids, counts = run_lengths(draws)
     # lengths (B, T): ids per position; ids, counts (E,): the entries
     # of every position in turn, E = lengths.sum()
     return dict(lengths=lengths, ids=ids, counts=counts)
 
-def is_target(probs, cfg, gens):
+def is_target(probs, opts, gens):
     # importance sampling, the paper's second variant: draw from q ∝ t^tau
     # (tau: --proposal_temperature), weight t_i / q_i. E[c_i / N] = q_i, so
     # (c_i/N)(t_i/q_i) is unbiased too, unless a t_i > 0 underflows to
     # t_i^tau = 0, which 0 < tau <= 1 never does
-    proposal = probs.pow(cfg.proposal_temperature)  # (B, T, V)
-    target = rs_target(proposal, cfg, gens)  # (rows need not sum to 1)
+    proposal = probs.pow(opts.proposal_temperature)  # (B, T, V)
+    target = rs_target(proposal, opts, gens)  # (rows need not sum to 1)
     lengths, ids = target['lengths'].flatten(), target['ids']
     # row[e]: the position (a row of B*T) that entry e belongs to
     positions = torch.arange(len(lengths), device=ids.device)
@@ -216,10 +216,10 @@ def is_target(probs, cfg, gens):
     target['weights'] = (t / q).float()
     return target
 
-def topk_target(probs, cfg, gens):
+def topk_target(probs, opts, gens):
     # the baseline: the K most probable ids and probabilities, (B*T, K),
     # NOT renormalised (vanilla Top-K). top_k: torch.topk, faster on CPU
-    top = [top_k(p, cfg.k) for p in by_rows(probs)]
+    top = [top_k(p, opts.k) for p in by_rows(probs)]
     values = torch.cat([v for v, _ in top])  # (B*T, K)
     ids = torch.cat([i for _, i in top])  # most probable first
     return dict(ids=ids, probs=values.half())
@@ -314,7 +314,7 @@ OBJECTIVES = dict(
 
 # ---------------------------------------------------------------
 # the cache formats, one per --method: writer, checks, reader, bench
-#   target:   (probs, cfg, gens) -> {file name: tensor}
+#   target:   (probs, opts, gens) -> {file name: tensor}
 #   loss:     the --loss that trains on this cache
 #   unbiased: E[w] = t (a test checks every entry that says so)
 #   meta:     {option: type}, the Config fields the target reads;
@@ -373,7 +373,7 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    opts = gr.recorded_options(cfg, fmt)  # cfg.x for fmt['meta']'s x only
+    opts = gr.recorded_options(cfg, fmt)  # opts.x for fmt['meta']'s x only
     return fmt['target'](probs, opts, gens)
 
 def run_cache(cfg, env, loaded=None):

@@ -929,7 +929,7 @@ def test_a_formats_own_option_may_be_negative(tmp_path, data, teacher, monkeypat
     assert [json.loads(line)['iter'] for line in open(tmp_path / 'o' / 'metrics.jsonl')] == [0, 1]
 
 
-def top1_target(probs, cfg, gens):
+def top1_target(probs, opts, gens):
     """A new sparse target for the fork test: the most probable id, its probability, and its rank among
     the teacher's probabilities rounded to a tenth (a file that means something new)."""
     values, ids = model.top_k(probs.flatten(0, 1), 1)
@@ -995,18 +995,18 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
         run(*cache_args(data, teacher, tmp_path / 'c6', '--method', 'top1'))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'decode', top1_decode)
     # ... a target that fills a file the table does not list
-    def extra_file(probs, cfg, gens):
-        return dict(top1_target(probs, cfg, gens), weights=torch.ones(1))
+    def extra_file(probs, opts, gens):
+        return dict(top1_target(probs, opts, gens), weights=torch.ones(1))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', extra_file)
     with pytest.raises(RuntimeError, match='must return exactly its files'):
         run(*cache_args(data, teacher, tmp_path / 'c2', '--method', 'top1'))
 
     # ... a target that reads an option its meta does not record (a resume could change it unseen)
-    def unrecorded_option(probs, cfg, gens):
-        values, ids = model.top_k(probs.flatten(0, 1), cfg.k)
+    def unrecorded_option(probs, opts, gens):
+        values, ids = model.top_k(probs.flatten(0, 1), opts.k)
         return dict(ids=ids, probs=values.half(), tenths=(values * 10).round().to(torch.uint8))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', unrecorded_option)
-    with pytest.raises(AttributeError, match="read cfg.k, which its FORMATS entry's meta does not record"):
+    with pytest.raises(AttributeError, match="read the option k, which its FORMATS entry's meta does not record"):
         run(*cache_args(data, teacher, tmp_path / 'c3', '--method', 'top1'))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', top1_target)
     # ... and an option of another method is refused for this one
@@ -1019,8 +1019,8 @@ def fork_mistakes():
     rs = rskd.FORMATS['rs']
 
     def edited(edit):  # rs's target, its output edited
-        def target(probs, cfg, gens):
-            return edit(rskd.rs_target(probs, cfg, gens))
+        def target(probs, opts, gens):
+            return edit(rskd.rs_target(probs, opts, gens))
         return dict(rs, target=target)
     return {
         'no loss': ({k: v for k, v in rs.items() if k != 'loss'}, "FORMATS['bad'] has no loss"),
