@@ -133,7 +133,7 @@ def bench_caching(cfg, env, loaded, tokens, n, methods=None):
         for idx in batches:
             with env.ctx:
                 teacher(idx, padded=True)  # (as --mode cache runs it)
-        if env.type == 'cuda':
+        if env.device_type == 'cuda':
             torch.cuda.synchronize()
         return n * T / (time.time() - t0)
     bare_forward()  # warm-up
@@ -251,7 +251,7 @@ def bench_precision(teacher, idx, env):
     out, head = {}, teacher.float32_head
     for name, float32_head in (('float32 output layer', True), ('bfloat16 output layer', False)):
         teacher.float32_head = float32_head
-        with torch.autocast(env.type, dtype=torch.bfloat16):
+        with torch.autocast(env.device_type, dtype=torch.bfloat16):
             t16 = torch.softmax(teacher(idx).float(), -1)
         big = t32 >= t32.max(-1, keepdim=True).values.clamp(max=1e-4)  # (the ones that matter)
         rel = ((t16 - t32).abs() / t32)[big]
@@ -268,7 +268,7 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs,
     B, T = idx.shape
     model = torch.compile(student) if env.compile else student
     teacher_c = torch.compile(teacher) if env.compile else teacher
-    optimizer = student.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
+    optimizer = student.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.device_type)
     vanilla = replace(cfg, topk_tail='none', alpha=0.0, max_seqs=n)
     V = student.config.vocab_size
 
@@ -301,7 +301,7 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del logits, batch
-            if env.type == 'cuda':
+            if env.device_type == 'cuda':
                 torch.cuda.synchronize()
             if rep >= 2:
                 times[name].append(time.time() - t0)
@@ -332,7 +332,7 @@ def bench_steps(cfg, env, teacher, student, tokens, n, idx, targets, seqs, dirs,
     # what decoding adds, more precisely than the steps' ratio: the reads' difference, over a step
     decode_share = {m: (read_ms[m]['checked'] - read_ms[f'{m} plain']['checked']) / step_ms[f'{m} plain']
                     for m in vs_plain}
-    kind = 'growth of CUDA max allocated during the step' if env.type == 'cuda' else 'RSS peak growth during the step'
+    kind = 'growth of CUDA max allocated during the step' if env.device_type == 'cuda' else 'RSS peak growth during the step'
     return dict(step_ms=step_ms, step_ratio_vs_ce={k: v / step_ms['ce'] for k, v in step_ms.items()},
                 tok_s={k: B * T / v * 1000 for k, v in step_ms.items()}, peak_mem_bytes=mem,
                 peak_mem_kind=kind, read_ms=read_ms, check_cost_share_of_step=check_share, host_batch_ms=host_ms,
@@ -486,14 +486,14 @@ def run_gpu_check(cfg, env, teacher_shape=GPT2_SHAPE, student_shape=STUDENT_SHAP
     del teacher, optimizer
 
     def timed(what, argv):  # rskd.main(argv): its wall time, peak GPU memory and the line that says its speed
-        if env.type == 'cuda':
+        if env.device_type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         t0, log = time.time(), io.StringIO()
         with contextlib.redirect_stdout(log):
             rskd.main(argv)
         lines = [line for line in log.getvalue().splitlines() if 'tok/s' in line]
         res[what] = dict(seconds=time.time() - t0, last_line=lines[-1] if lines else '',
-                         peak_gpu_bytes=torch.cuda.max_memory_allocated() if env.type == 'cuda' else None)
+                         peak_gpu_bytes=torch.cuda.max_memory_allocated() if env.device_type == 'cuda' else None)
         print(f"{what}: {res[what]['last_line']} ({res[what]['seconds']:.0f}s)", flush=True)
     for d in (f'{out}/gpu-cache', f'{out}/gpu-student'):
         shutil.rmtree(d, ignore_errors=True)
@@ -567,7 +567,7 @@ def run_rounds(cfg, env, sweep=(5, 12, 50, 150), n_seqs=64):
 
 def peak_memory_reset(env):
     # the memory in use now, to subtract from the peak: both figures are the growth during the step
-    if env.type == 'cuda':
+    if env.device_type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
     try:  # Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM)
@@ -579,7 +579,7 @@ def peak_memory_reset(env):
 
 
 def peak_memory(env):
-    if env.type == 'cuda':
+    if env.device_type == 'cuda':
         return torch.cuda.max_memory_allocated()
     try:
         with open('/proc/self/status') as f:
@@ -713,7 +713,7 @@ def main(argv=None):
         cfg, _ = resolve_config(rskd.Config, dict(args, mode='bench'), rskd.TEACHER, rskd.FORMATS,
                                 rskd.OBJECTIVES)
         env = setup(cfg)
-        if sub == 'gpu' and env.type != 'cuda':
+        if sub == 'gpu' and env.device_type != 'cuda':
             die(f"bench.py gpu is the GPU check: it needs CUDA, and this run's device is {env.device}")
         with folder_lock(output_folder(cfg, env)):
             dict(rounds=run_rounds, storage=run_storage, gpu=run_gpu_check).get(sub, run_bench)(cfg, env)

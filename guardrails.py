@@ -205,6 +205,9 @@ def check_config(cfg, cached_losses):
         die(f"--{bad[0]} must be {bad[1]}, got {getattr(cfg, bad[0])}")
     if cfg.n_embd % cfg.n_head:
         die(f"--n_embd {cfg.n_embd} must be a multiple of --n_head {cfg.n_head}")
+    loss = 'ce' if cfg.mode == 'teacher' else cfg.loss  # (a remedy for Top-K's tail)
+    if cfg.topk_tail != 'none' and loss != 'topk' and cfg.mode in ('teacher', 'train'):
+        die(f"--topk_tail changes only --loss topk, not --loss {loss}: drop it")
     if not re.fullmatch(r'auto|cpu|cuda(:\d+)?', cfg.device):
         die(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device}")
     gpus = torch.cuda.device_count()
@@ -239,15 +242,15 @@ def setup(cfg):
         env.rank, env.world = dist.get_rank(), dist.get_world_size()
     elif cfg.device == 'auto':  # (not mps: it has no float64)
         env.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    env.master, env.type = env.rank == 0, env.device.split(':')[0]
-    if env.type == 'cuda' and torch.device(env.device).index is not None:  # cuda:N
+    env.master, env.device_type = env.rank == 0, env.device.split(':')[0]
+    if env.device_type == 'cuda' and torch.device(env.device).index is not None:  # cuda:N
         torch.cuda.set_device(env.device)  # (TF32 stays off: float32 is float32)
-    env.name = torch.cuda.get_device_name(env.device) if env.type == 'cuda' else env.device
+    env.name = torch.cuda.get_device_name(env.device) if env.device_type == 'cuda' else env.device
     env.dtype = resolve_dtype(cfg.dtype, env.device)
     # autocast: matmuls in 16 bits; losses, softmaxes, metrics in float32
     env.ctx = nullcontext() if env.dtype == 'float32' else torch.autocast(
-        env.type, dtype=getattr(torch, env.dtype))
-    env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.type == 'cuda')
+        env.device_type, dtype=getattr(torch, env.dtype))
+    env.compile = cfg.compile == 'true' or (cfg.compile == 'auto' and env.device_type == 'cuda')
     env.compile = env.compile and compile_works(env, cfg.compile)
     return env
 
@@ -278,14 +281,14 @@ def check_model_size(cfg, V, env, teacher=None):
     params = (V + 63) // 64 * 64 * C + cfg.block_size * C + L * (12 * C * C + 13 * C) + 2 * C
     params, held = (0, 2) if cfg.mode == 'cache' else (params, 7 if teacher else 4)
     need = 16 * params + held * 4 * cfg.batch_size * cfg.block_size * V
-    if env.type == 'cuda':
+    if env.device_type == 'cuda':
         have = (torch.cuda.get_device_properties(env.device).total_memory
                 - torch.cuda.memory_allocated(env.device))
     else:
         have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if need > have:
         what = f"a model of {params / 1e6:,.0f}M parameters" if params else "caching"
-        die(f"{what} needs about {need / 2**30:,.1f} GiB more, this {env.type} has "
+        die(f"{what} needs about {need / 2**30:,.1f} GiB more, this {env.device_type} has "
             f"{have / 2**30:,.1f}: use a smaller --batch_size (or --n_layer, --n_embd)")
 
 def micro_steps_per_rank(cfg, world, S):
@@ -500,10 +503,11 @@ def restore(ckpt, model, optimizer, scaler, inputs, cfg):
               f"{cfg.max_iters}: nothing to train; raise --max_iters to go on")
     return ckpt['iter_num'], ckpt['best_val_loss']
 
-def start_metrics(metrics_path, ckpt):
-    """The evals so far; metrics.jsonl rewritten to hold exactly those."""
+def start_metrics(metrics_path, ckpt, write):
+    """The evals so far; if write, metrics.jsonl rewritten to hold exactly those."""
     evals = ckpt['evals'] if ckpt else []
-    write_bytes(''.join(dumps(e) + '\n' for e in evals).encode(), metrics_path)
+    if write:
+        write_bytes(''.join(dumps(e) + '\n' for e in evals).encode(), metrics_path)
     return list(evals)
 
 def log_eval(metrics_path, record):
@@ -1035,7 +1039,7 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
     meta = dict(format='rskd-cache', version=4, method=cfg.method, vocab_size=V,
                 block_size=cfg.block_size, num_seqs=S, seed=cfg.seed, split=cfg.split,
                 teacher=teacher, data=data, ids_dtype=ids_dtype(V),
-                dtype=env.dtype, device=env.type, device_name=env.name,
+                dtype=env.dtype, device=env.device_type, device_name=env.name,
                 batch_size=cfg.batch_size, torch=torch.__version__, compress=cfg.compress,
                 complete=False, seqs_done=0, entries=0, block_bytes=0,
                 **{k: getattr(cfg, k) for k in fmt['meta']})
@@ -1161,7 +1165,7 @@ class CacheWriter:
                                f"tensors, not {sorted(part)}")
         # copied to the host without waiting one by one (pinned), then one wait for all
         host = {name: t.detach().to('cpu', non_blocking=True) for name, t in part.items()}
-        if self.env.type == 'cuda':
+        if self.env.device_type == 'cuda':
             torch.cuda.current_stream(self.env.device).synchronize()
         raw = {name: t.numpy().reshape(-1) for name, t in host.items()}
         arrays = {name: a.astype(self.files[name][0]) for name, a in raw.items()}
@@ -1255,7 +1259,7 @@ class CacheWriter:
         """Close the files, print the size; the throughput (tok/s)."""
         meta, d = self.meta, self.cfg.cache_dir
         self.wait()
-        if self.env.type == 'cuda':
+        if self.env.device_type == 'cuda':
             torch.cuda.synchronize()
         tok_s = (meta['num_seqs'] - self.start) * meta['block_size'] / (time.time() - self.t0)
         if self.env.master and not meta['complete']:  # (every sequence in,

@@ -19,9 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
-# guardrails.py, what a reader need not open (checks, loading, the
-# cache's files, locks, errors), called as gr.name(...). Imported
-# before torch: a Ctrl-C while torch loads is one line
+# guardrails.py: what a reader need not open (checks, loading, cache
+# files, locks, errors). First: a Ctrl-C as torch loads is one line
 import guardrails as gr
 from guardrails import opt  # a Config field: default, help, choices
 # FORMATS' value checks: in_vocab (0 <= id < V), at_least_1, positive,
@@ -36,11 +35,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
-# model.py: nanoGPT's GPT, but model(idx) -> (B, T, V) logits, all T
-# (padded=True: (B, T, padded V), the pads -inf). Fast kernels: G ~ V/16
-# groups, token j in group j % G; group_reduce(x, op): (..., V) ->
-# (..., G), a group's sum or max; invert_cdf(p, points): the token at
-# each point of p's CDF; top_k(p, k): torch.topk's (values, ids)
+# model.py: nanoGPT's GPT, but model(idx) -> (B, T, V) logits at all
+# T; fast kernels: group_reduce(x, op) sums (or maxes) x's last dim in
+# ~V/16 groups; invert_cdf(p, points): the token at each point of p's
+# CDF; top_k(p, k): torch.topk's (values, ids)
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -64,7 +62,7 @@ class Config:
     # optimisation
     batch_size: int = opt(16, "sequences per micro-batch, per rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches per step, all ranks (torchrun's default: one a rank)")
+        1, "micro-batches per step, all ranks together (unset: one per rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step where the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -97,8 +95,10 @@ class Config:
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
-# gr.setup(cfg) -> env: ddp (torchrun), rank, world, master (rank 0),
-# device ('cuda:N'), type ('cuda'), dtype, ctx (autocast), compile
+# env = gr.setup(cfg), in main: ddp (under torchrun), rank, world
+# (this process, of all: 0, 1 alone), master (rank 0: prints, saves),
+# device ('cpu', 'cuda:N'), device_type ('cpu', 'cuda'), dtype, ctx
+# (its autocast) and compile (whether to torch.compile the models)
 
 # ---------------------------------------------------------------
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
@@ -116,7 +116,7 @@ def get_batch(tokens, seqs, T, env, rows=0):
     padded = list(seqs) + [seqs[-1]] * max(rows - len(seqs), 0)
     first = np.array(padded, dtype=np.int64)[:, None] * T  # (B, 1)
     xy = torch.from_numpy(tokens[first + np.arange(T + 1)].astype(np.int64))
-    if env.type == 'cuda':  # pinned: the copy overlaps the GPU's work
+    if env.device_type == 'cuda':  # pinned: the copy overlaps the GPU's work
         xy = xy.pin_memory().to(env.device, non_blocking=True)
     return xy[:, :-1], xy[:len(seqs), 1:]
 
@@ -156,12 +156,12 @@ def sample_draws(probs, rounds, gens, sampler='multinomial'):
     # uniform. systematic: ONE uniform u per row, points (j - u) / N,
     # j = 1..N: E[c_i] = N t_i still, but c_i is N t_i rounded up or down
     B, T, V = probs.shape
-    width = rounds if sampler == 'multinomial' else 1
+    n_u = rounds if sampler == 'multinomial' else 1  # uniforms a row
     f64 = dict(dtype=torch.float64, device=probs.device)
-    u = torch.stack([torch.rand(T, width, generator=g, **f64)
+    u = torch.stack([torch.rand(T, n_u, generator=g, **f64)
                      for g in gens])  # (B, T, N or 1), uniform in [0, 1)
     if sampler == 'multinomial':
-        points = 1 - u  # (B, T, N)
+        points = 1 - u  # (B, T, N), in (0, 1]
     else:  # j = 1..N
         points = (torch.arange(1, rounds + 1, **f64) - u) / rounds
     # points -> token ids (invert_cdf, in model.py), a few rows at a
@@ -183,8 +183,9 @@ def run_lengths(draws):
     return new.sum(-1), draws.flatten()[starts], counts
 
 # ---------------------------------------------------------------
-# the method, part 2: sparse targets, the teacher's t (B, T, V) in, a
-# few ids a position out. opts: cfg's fmt['meta'] only; gens: as above
+# the method, part 2: sparse targets, t (B, T, V) in, a few ids a
+# position out, {file name: tensor}. opts: the Config options that the
+# target's FORMATS entry (below) lists in meta; gens: as above
 
 def rs_target(probs, opts, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
@@ -219,15 +220,14 @@ def is_target(probs, opts, gens):
 def topk_target(probs, opts, gens):
     # the baseline: the K most probable ids and probabilities, (B*T, K),
     # NOT renormalised (vanilla Top-K). top_k: torch.topk, faster on CPU
-    top = [top_k(p, opts.k) for p in by_rows(probs)]
-    values = torch.cat([v for v, _ in top])  # (B*T, K)
-    ids = torch.cat([i for _, i in top])  # most probable first
+    top = [top_k(p, opts.k) for p in by_rows(probs)]  # (values, ids)
+    values, ids = map(torch.cat, zip(*top))  # (B*T, K), most probable first
     return dict(ids=ids, probs=values.half())
 
 # ---------------------------------------------------------------
 # the method, part 3: the losses, (B, T, V) logits in, a float32
-# scalar out. A target is read at its ids (B, T, K), never made dense.
-# K: Top-K's k, or a batch's most ids at a position; the rest pad, w = 0
+# scalar out. A target is read at its ids (B, T, K), never made dense
+# (K: Top-K's k, or a batch's most ids at a position; pad_rows pads)
 
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
@@ -301,7 +301,8 @@ def naive_kd_loss(logits, ids, t, targets):
 # ---------------------------------------------------------------
 # The student's objectives, by --loss (or --topk_tail's remedy, above)
 # as f(logits, batch). The batch holds idx and targets (B, T), the
-# cache's ids and w (B, T, K) and, for fullkd, the teacher's logits
+# cache's ids and w (B, T, K) and, for fullkd, the teacher's logits.
+# rskd and topk are one loss: they differ in the cache they read
 OBJECTIVES = dict(
     ce=lambda x, b: ce_loss(x, b['targets']),
     rskd=lambda x, b: sparse_kd_loss(x, b['ids'], b['w']),
@@ -313,23 +314,24 @@ OBJECTIVES = dict(
 )
 
 # ---------------------------------------------------------------
-# the cache formats, one per --method: writer, checks, reader, bench
+# the cache formats, one per --method. The writer, verify, the
+# reader, bench.py and the tests work from an entry's fields:
 #   target:   (probs, opts, gens) -> {file name: tensor}
 #   loss:     the --loss that trains on this cache
-#   unbiased: E[w] = t (a test checks every entry that says so)
-#   meta:     {option: type}, the Config fields the target reads;
-#             meta.json records them (below, `meta`: meta.json's dict)
-#   files:    name -> (dtype, per, checks). dtype 'ids': token ids,
-#             always uint16. per: a position's values, 'position' (1),
-#             an int option ('k': k) or 'entry' (`ragged` says). checks:
-#             f(values, starts, meta) -> ok, on each batch made or read;
-#             position r's values start at values[starts[r]]
-#   ragged:   the file that counts each position's entries, or None
-#   decode:   (stored, meta) -> (ids, w): a batch's files, as flat
-#             tensors, back to each stored id and its weight w
-# E.g. rs: draws [5 5 9] at a position store lengths 2, ids [5 9] and
-# counts [2 1]. A ragged file holds a position's entries right after
-# the previous position's; seq_offsets[s] says where sequence s begins
+#   unbiased: E[w] = t (a test checks each entry that says so)
+#   meta:     {option: type}: the Config fields the target reads,
+#             recorded in the cache's meta.json (`meta`, `m` below)
+#   files:    {name: (dtype, per, checks)}, a .bin file each
+#     dtype:  a numpy dtype, or 'ids': token ids (uint16)
+#     per:    values a position: 'position' (one), an option ('k': k
+#             of them) or 'entry' (as many as file `ragged` says)
+#     checks: f(values, starts, meta) -> ok, on each batch written or
+#             read; position r's values begin at values[starts[r]]
+#   ragged:   the file that counts a position's entries, or None
+#   decode:   (a, m) -> (ids, w): a batch's files (a: {name: a flat
+#             tensor}) -> each stored id and its weight
+# E.g. rs: draws [5 5 9] store lengths 2, ids [5 9], counts [2 1], and
+# the next position's entries follow. seq_offsets[s]: where s begins
 FORMATS = {
     'rs': dict(
         target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
@@ -366,26 +368,27 @@ def seq_generators(seed, seqs, device):
 @torch.no_grad()
 def cache_batch(teacher, idx, seqs, V, cfg, env):
     # a batch's targets, a tensor per file of its format. padded=True:
-    # float32 logits over the padded vocab, the pads -inf, so that the
-    # softmax, in place, gives them 0 (model.py: float32_head)
+    # the logits over the padded vocab, float32 even under autocast,
+    # the pads -inf, so the softmax gives them 0 (out=: no copy)
     with env.ctx:
         logits = teacher(idx, padded=True)[:len(seqs)]
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    opts = gr.recorded_options(cfg, fmt)  # opts.x for fmt['meta']'s x only
+    opts = gr.recorded_options(cfg, fmt)  # cfg, but only fmt['meta']'s
     return fmt['target'](probs, opts, gens)
 
 def run_cache(cfg, env, loaded=None):
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
-    teacher, about = loaded or gr.load_teacher(cfg.teacher, V, T, env)
+    teacher, teacher_id = loaded or gr.load_teacher(cfg.teacher, V, T, env)
     teacher = torch.compile(teacher) if env.compile else teacher
     data = gr.data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
-    # meta.json: what the cache holds, what made it (about, data: a name
-    # or path, a sha256), how far it got. write_cache: None if complete,
-    # else a writer: .start (the first sequence), .add(part...), .finish()
-    cache = gr.write_cache(cfg, env, FORMATS, S, V, about, data)
+    # write_cache: None if cache_dir holds this cache, complete; else
+    # a writer. It resumes at sequence .start; .add(part, seqs, done)
+    # stores a batch's part (None: this rank had no sequences), done:
+    # the sequences all ranks have finished; .finish() -> tok/s
+    cache = gr.write_cache(cfg, env, FORMATS, S, V, teacher_id, data)
     if cache is None:
         return None
     # one batch per rank: rank r takes sequences lo + r*B .. lo + r*B + B-1
@@ -396,25 +399,25 @@ def run_cache(cfg, env, loaded=None):
         if seqs:
             idx = get_batch(tokens, seqs, T, env, rows=B)[0]
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
-        # .add, on every rank: rank 0 gathers, appends, commits (a thread)
+        # on every rank: rank 0 gathers the parts, appends, commits
         cache.add(part, seqs, done=min(lo + B * env.world, S))
     return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
 
 def pad_rows(lengths, ids, values):
     # ragged rows -> (R, K) ids and values, padded with id 0, value 0:
     # the first lengths[r] slots of each row r, in order, are the entries
-    lengths = lengths.flatten()
     K = int(lengths.max())
-    real = torch.arange(K, device=ids.device) < lengths[:, None]  # (R, K)
+    real = torch.arange(K, device=ids.device) < lengths.reshape(-1, 1)  # (R, K)
     out_ids = torch.zeros(real.shape, dtype=torch.long, device=ids.device)
     out_values = torch.zeros(real.shape, device=ids.device)
     out_ids[real], out_values[real] = ids.long(), values.float()
     return out_ids, out_values
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
-    # (meta, reader), refused unless the cache trains `loss`. reader(seqs)
-    # -> [ids, w], each (B, T, K). read_files(seqs): flat tensors,
-    # ids as int64 token ids; crc32 and value checks passed (if checked)
+    # (meta, reader), refused unless the cache trains `loss` and was
+    # made from this train.bin. reader(seqs) -> [ids, w], (B, T, K)
+    # each. read_files(seqs): {file name: its values, a flat tensor}
+    # (ids: int64), their crc32 and value checks passed (if checked)
     data = gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
     meta, read_files = gr.cache_reader(cfg, loss, V, data, FORMATS, checked)
     fmt = FORMATS[meta['method']]
@@ -424,7 +427,7 @@ def open_cache(cfg, loss, tokens, V, env, checked=True):
         ids, w = fmt['decode'](stored, meta)
         if fmt['ragged']:  # pad to the longest position
             ids, w = pad_rows(stored[fmt['ragged']], ids, w)
-        if env.type == 'cuda':  # copied while the GPU works
+        if env.device_type == 'cuda':  # copied while the GPU works
             ids, w = ids.pin_memory(), w.pin_memory()
         shape = (len(seqs), cfg.block_size, -1)
         return [t.view(shape).to(env.device, non_blocking=True) for t in (ids, w)]
@@ -441,13 +444,14 @@ def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
     f64 = dict(dtype=torch.float64, device=env.device)
     nll, n, kl, accept = [torch.zeros((), **f64) for _ in range(4)]
     # per confidence bin: positions, top-1 probabilities, right guesses
-    bin_n, bin_conf, bin_right = torch.zeros(3, nbins, **f64)
+    bins = torch.zeros(nbins, 3, **f64)
     mine = val_seqs[env.rank::env.world]
     for i in range(0, len(mine), cfg.batch_size):
         seqs = mine[i:i + cfg.batch_size]
         idx, y = get_batch(val, seqs, cfg.block_size, env, cfg.batch_size)
         with env.ctx:  # logits over the V real tokens, (B, T, V)
             logits = model(idx)[:len(seqs)]
+            # (no teacher: t_logits = logits, a filler for zip, unused)
             t_logits = logits if teacher is None else teacher(idx)[:len(seqs)]
         for x, xt, yy in zip(by_rows(logits), by_rows(t_logits), by_rows(y)):
             logp = F.log_softmax(x.float(), dim=-1)  # (rows, V)
@@ -456,21 +460,19 @@ def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
             logp_top, guess = logp.max(-1)
             conf = logp_top.exp()  # (rows,) top-1 probabilities
             b = (conf * nbins).long().clamp(0, nbins - 1)  # their bins
-            bin_n.index_add_(0, b, torch.ones_like(conf, dtype=torch.float64))
-            bin_conf.index_add_(0, b, conf.double())
-            bin_right.index_add_(0, b, (guess == yy).double())
+            hits = torch.stack([torch.ones_like(conf), conf, guess == yy], -1)
+            bins.index_add_(0, b, hits.double())
             if teacher is not None:
                 logt = F.log_softmax(xt.float(), dim=-1)
                 kl += (logt.exp() * (logt - logp)).sum()
                 # drafting for the teacher, it accepts sum_v min(p, t)
                 accept += torch.minimum(logp.exp(), logt.exp()).sum()
-    sums = [nll, n, kl, accept, bin_n, bin_conf, bin_right]
+    sums = [nll, n, kl, accept, bins]
     if env.ddp:
         for t in sums:
             dist.all_reduce(t)
-    nll, n, kl, accept, *bins = [t.tolist() for t in sums]
+    nll, n, kl, accept, bins = [t.tolist() for t in sums]
     model.train()
-    bins = list(zip(*bins))  # per bin: (positions, conf sum, right)
     # ECE = sum_b |right_b - conf_b| / n: accuracy less confidence, by bin
     out = dict(val_loss=nll / n, val_ppl=math.exp(nll / n),
                ece=sum(abs(right - c) for _, c, right in bins) / n,
@@ -494,30 +496,27 @@ def setup_train(cfg, env, ckpt):
     # the student learns from; objective: its OBJECTIVES entry
     loss = 'ce' if cfg.mode == 'teacher' else cfg.loss
     objective = loss if cfg.topk_tail == 'none' else cfg.topk_tail
-    if objective != loss and loss != 'topk':  # a remedy for Top-K's tail
-        gr.die(f"--topk_tail changes only --loss topk, not --loss {loss}: drop it")
     tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
-    micro_steps = gr.micro_steps_per_rank(cfg, env.world, S)  # accum / world
-    # targets from the cache; a teacher (the cache's, else --teacher;
-    # none in --mode teacher) for fullkd, kl_teacher and spec_accept,
-    # and `about` it: its name and sha256
-    cached = loss in {f['loss'] for f in FORMATS.values()}
+    # accum / world (it dies unless world divides it, S holds a step)
+    micro_steps = gr.micro_steps_per_rank(cfg, env.world, S)
+    # targets from the cache; a teacher and its id (name, sha256): the
+    # cache's, else --teacher, for fullkd and the evals (none in teacher)
+    cached = loss in {f['loss'] for f in FORMATS.values()}  # not ce, fullkd
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
-    teacher, about = gr.find_teacher(
+    teacher, teacher_id = gr.find_teacher(
         cfg, required=loss == 'fullkd', cache_meta=meta, vocab_size=V, env=env)
     gr.check_model_size(cfg, V, env, teacher)  # it must fit in memory
     torch.manual_seed(stream_seed(cfg.seed, INIT))
     model = gr.student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
     optimizer = model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.type)
+        cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.device_type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
-    scaler = torch.amp.GradScaler(env.type, enabled=env.dtype == 'float16')
-    # exact resume: weights, moments, scaler, RNG, the step `it` and the
-    # best val loss (new: 0, inf), if the inputs are the same (each a
-    # path and sha256; cache_reader adds the cache's, meta['identity'])
-    inputs = dict(cache=meta and meta['identity'], teacher=about,
+    scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == 'float16')
+    # an exact resume (a new run: it 0, best inf) if the inputs match,
+    # each a path and sha256 (the cache's: meta['identity'])
+    inputs = dict(cache=meta and meta['identity'], teacher=teacher_id,
                   data=gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=gr.data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
     it, best = gr.restore(ckpt, model, optimizer, scaler, inputs, cfg)
@@ -546,7 +545,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     model, teacher = r.model, r.teacher  # r.model: the plain model
     if env.compile:  # (and the teacher, if there is one)
         model, teacher = torch.compile(model), teacher and torch.compile(teacher)
-    gpu = [torch.device(env.device).index] if env.type == 'cuda' else None
+    gpu = [torch.device(env.device).index] if env.device_type == 'cuda' else None
     train_model = DDP(model, device_ids=gpu) if env.ddp else model
 
     def loss_fn(logits, batch):
@@ -559,9 +558,9 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         return loss / r.micro_steps
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    # every eval so far, and their steps (a resumed run: its checkpoint's)
-    evals = gr.start_metrics(metrics_path, ckpt) if env.master else []
-    evaluated = {e['iter'] for e in ckpt['evals']} if ckpt else set()
+    # the evals so far (resumed: the checkpoint's), on every rank; rank
+    # 0 rewrites metrics.jsonl to hold just those
+    evals = gr.start_metrics(metrics_path, ckpt, env.master)
 
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
         gr.save_checkpoint(ckpt_path, r.model, optimizer, scaler, it,
@@ -571,27 +570,27 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, timed = it, 0.0, 0  # timed: steps in train_time
-    # Ctrl-C, SIGTERM: `stop` records them. stop.flags(env) rides on the
-    # loss's all_reduce, so every rank stops at one step: stop.seen(flags)
-    lossf, m, flags = None, {}, []  # the last step's, and the last eval
+    # Ctrl-C, SIGTERM: `stop` records them; stop.flags(env), a 0 or 1
+    # per signal, rides on the loss's all_reduce, so that all ranks see
+    # a signal at the same step, stop.seen(flags), and stop there
+    lossf, m, stopping = None, {}, False  # the last step's loss, eval
     batch = r.fetch(it * r.micro_steps)
     with gr.stop_requested() as stop:
         while True:
             due = it == cfg.max_iters or it % cfg.eval_interval == 0
-            if due and it not in evaluated:
+            if due and it not in [e['iter'] for e in evals]:
                 m = evaluate(model, teacher, r.val, r.val_seqs, cfg, env)
                 gr.check_finite(it, ckpt_path, m['val_loss'])  # never save a NaN
+                r.best = min(r.best, m['val_loss'])
+                tok_s = tokens_per_step * timed / train_time if timed else None
+                evals.append(dict(iter=it, loss=r.loss, seed=cfg.seed,
+                                  train_loss=lossf, tok_s=tok_s, **m))
                 if env.master:  # the checkpoint, then its line
-                    r.best = min(r.best, m['val_loss'])
-                    tok_s = timed and tokens_per_step * timed / train_time
-                    evals.append(dict(
-                        iter=it, loss=r.loss, seed=cfg.seed,
-                        train_loss=lossf, tok_s=tok_s or None, **m))
                     save(it)
                     gr.log_eval(metrics_path, evals[-1])
             if it >= cfg.max_iters:
                 break
-            if stop.seen(flags):  # (on any rank)
+            if stopping:
                 if env.master:
                     save(it)
                 stop.exit(f"saved {ckpt_path} at iter {it}: resume with "
@@ -621,7 +620,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 r.model.parameters(), cfg.grad_clip or math.inf)
             both = torch.cat([sums, grad_norm.view(1).to(sums)])
             lossf, *flags, grad_normf = both.tolist()
-            # never step on a NaN (scaled: fp16's scaler skips its own infs)
+            stopping = stop.seen(flags)  # at the loop's top, on all ranks
+            # never step on a NaN (an inf gradient under fp16: the scaler skips)
             gr.check_finite(it, ckpt_path, lossf, grad_normf, scaled=scaler.is_enabled())
             scaler.step(optimizer)
             scaler.update()
@@ -644,7 +644,7 @@ def main(argv=None):
         # cfg: defaults < the resumed ckpt's config < the command line
         cfg, ckpt = gr.resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
         env = gr.setup(cfg)
-        # one run per output folder (and --resume's ckpt unchanged since)
+        # one run per output folder; --resume's ckpt unchanged since read
         with gr.ddp_teardown(env), gr.folder_lock(gr.output_folder(cfg, env), ckpt):
             if cfg.mode in ('teacher', 'train'):
                 run_train(cfg, env, ckpt)

@@ -2220,7 +2220,7 @@ def test_gpu_choices_without_a_gpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: f'fake {device}')
     # (the isolated fixture puts any backend flags a test changes back by value)
     env = guardrails.setup(rskd.Config(device='cuda:1', dtype='float32', compile='false'))
-    assert current == ['cuda:1'] and env.name == 'fake cuda:1' and env.type == 'cuda'
+    assert current == ['cuda:1'] and env.name == 'fake cuda:1' and env.device_type == 'cuda'
     for name, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('LOCAL_WORLD_SIZE', '3'), ('WORLD_SIZE', '3')):
         monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as e:
@@ -2642,7 +2642,7 @@ def test_init_from_a_gpt2_folder_or_a_checkpoint(tmp_path, data, capsys):
     tokens = np.memmap(os.path.join(data, 'val.bin'), np.uint16, mode='r')
     S = (len(tokens) - 1) // 16
     seqs = np.unique(np.linspace(0, S - 1, min(4 * 4, S)).round().astype(int)).tolist()
-    env = SimpleNamespace(device='cpu', type='cpu', ctx=contextlib.nullcontext(), rank=0, world=1, ddp=False)
+    env = SimpleNamespace(device='cpu', device_type='cpu', ctx=contextlib.nullcontext(), rank=0, world=1, ddp=False)
     cfg = SimpleNamespace(batch_size=4, block_size=16)
     want = rskd.evaluate(model, None, tokens, seqs, cfg, env)['val_loss']
     got = json.loads(open(tmp_path / 'a' / 'metrics.jsonl').readline())['val_loss']
