@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 # guardrails.py: what a reader need not open (checks, loading, cache
-# files, locks, errors). First: a Ctrl-C as torch loads is one line
+# files, locks, errors). Imported before torch, which is slow to load,
+# so that a Ctrl-C meanwhile prints one line, not a traceback
 import guardrails as gr
 from guardrails import opt  # a Config field: default, help, choices
 # FORMATS' value checks: in_vocab (0 <= id < V), at_least_1, positive,
@@ -36,9 +37,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 # model.py: nanoGPT's GPT, but model(idx) -> (B, T, V) logits at all
-# T; fast kernels: group_reduce(x, op) sums (or maxes) x's last dim in
-# ~V/16 groups; invert_cdf(p, points): the token at each point of p's
-# CDF; top_k(p, k): torch.topk's (values, ids)
+# T (padded=True: see cache_batch); fast kernels: group_reduce(x, op)
+# sums (or maxes) x's last dim in ~V/16 groups, (..., V) -> (..., ~V/16);
+# invert_cdf(p, points): the token at each point of p's CDF
 from model import export_hf, group_reduce, invert_cdf, top_k
 
 # ---------------------------------------------------------------
@@ -62,7 +63,7 @@ class Config:
     # optimisation
     batch_size: int = opt(16, "sequences per micro-batch, per rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches per step, all ranks together (unset: one per rank)")
+        1, "micro-batches per step, all ranks (if not given: one per rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step where the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -95,17 +96,16 @@ class Config:
 TEACHER = dict(out_dir='out-teacher', n_layer=4, n_embd=256, max_iters=250,
                eval_interval=125, learning_rate=2e-3, min_lr=2e-4)
 
-# env = gr.setup(cfg), in main: ddp (under torchrun), rank, world
-# (this process, of all: 0, 1 alone), master (rank 0: prints, saves),
-# device ('cpu', 'cuda:N'), device_type ('cpu', 'cuda'), dtype, ctx
-# (its autocast) and compile (whether to torch.compile the models)
+# env = gr.setup(cfg), in main: ddp (run by torchrun), rank and world
+# (this process's number and the count: 0 and 1 without torchrun),
+# master (rank 0, which prints and saves), device ('cpu', 'cuda:N'),
+# device_type ('cpu', 'cuda'), dtype, ctx (its autocast), compile
 
 # ---------------------------------------------------------------
 # data: uint16 tokens, memory-mapped; sequence s is tokens[s*T : s*T+T+1]
 
 def load_split(cfg, split, env, max_seqs=0):
-    # (tokens, S, V): the first max_seqs, or all. check_data: the file,
-    # n tokens to use (max_seqs * T + 1, or all), data/meta.json's V
+    # (tokens, S, V): the first max_seqs sequences (0: all), checked
     path, n, V = gr.check_data(cfg.data_dir, split, cfg.block_size, max_seqs, env)
     tokens = np.memmap(path, np.uint16, mode='r', shape=(n,))
     return tokens, (n - 1) // cfg.block_size, V
@@ -229,6 +229,16 @@ def topk_target(probs, opts, gens):
 # scalar out. A target is read at its ids (B, T, K), never made dense
 # (K: Top-K's k, or a batch's most ids at a position; pad_rows pads)
 
+def pad_rows(lengths, ids, values):
+    # ragged rows -> (R, K) ids and values, padded with id 0, value 0:
+    # the first lengths[r] slots of each row r, in order, are the entries
+    K = int(lengths.max())
+    real = torch.arange(K, device=ids.device) < lengths.reshape(-1, 1)  # (R, K)
+    out_ids = torch.zeros(real.shape, dtype=torch.long, device=ids.device)
+    out_values = torch.zeros(real.shape, device=ids.device)
+    out_ids[real], out_values[real] = ids.long(), values.float()
+    return out_ids, out_values
+
 def sparse_kd_loss(logits, ids, w):
     # KL(t^s || p) = sum_i w_i (log w_i - log p_i) over the stored ids,
     # w the cache's weights (t^s), p the student's softmax over the FULL
@@ -321,7 +331,7 @@ OBJECTIVES = dict(
 #   unbiased: E[w] = t (a test checks each entry that says so)
 #   meta:     {option: type}: the Config fields the target reads,
 #             recorded in the cache's meta.json (`meta`, `m` below)
-#   files:    {name: (dtype, per, checks)}, a .bin file each
+#   files:    {name: (dtype, per, checks)}: the arrays it stores
 #     dtype:  a numpy dtype, or 'ids': token ids (uint16)
 #     per:    values a position: 'position' (one), an option ('k': k
 #             of them) or 'entry' (as many as file `ragged` says)
@@ -378,17 +388,17 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
     opts = gr.recorded_options(cfg, fmt)  # cfg, but only fmt['meta']'s
     return fmt['target'](probs, opts, gens)
 
-def run_cache(cfg, env, loaded=None):
+def run_cache(cfg, env, loaded=None):  # loaded: bench.py's teacher
     tokens, S, V = load_split(cfg, cfg.split, env, cfg.max_seqs)
     T, B = cfg.block_size, cfg.batch_size
     teacher, teacher_id = loaded or gr.load_teacher(cfg.teacher, V, T, env)
     teacher = torch.compile(teacher) if env.compile else teacher
-    data = gr.data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
+    data_id = gr.data_fingerprint(tokens, f'{cfg.data_dir}/{cfg.split}.bin', env)
     # write_cache: None if cache_dir holds this cache, complete; else
     # a writer. It resumes at sequence .start; .add(part, seqs, done)
     # stores a batch's part (None: this rank had no sequences), done:
     # the sequences all ranks have finished; .finish() -> tok/s
-    cache = gr.write_cache(cfg, env, FORMATS, S, V, teacher_id, data)
+    cache = gr.write_cache(cfg, env, FORMATS, S, V, teacher_id, data_id)
     if cache is None:
         return None
     # one batch per rank: rank r takes sequences lo + r*B .. lo + r*B + B-1
@@ -401,25 +411,15 @@ def run_cache(cfg, env, loaded=None):
             part = cache_batch(teacher, idx, seqs, V, cfg, env)
         # on every rank: rank 0 gathers the parts, appends, commits
         cache.add(part, seqs, done=min(lo + B * env.world, S))
-    return cache.finish()  # tok/s (bench.py passes `loaded` and times it)
-
-def pad_rows(lengths, ids, values):
-    # ragged rows -> (R, K) ids and values, padded with id 0, value 0:
-    # the first lengths[r] slots of each row r, in order, are the entries
-    K = int(lengths.max())
-    real = torch.arange(K, device=ids.device) < lengths.reshape(-1, 1)  # (R, K)
-    out_ids = torch.zeros(real.shape, dtype=torch.long, device=ids.device)
-    out_values = torch.zeros(real.shape, device=ids.device)
-    out_ids[real], out_values[real] = ids.long(), values.float()
-    return out_ids, out_values
+    return cache.finish()  # tok/s
 
 def open_cache(cfg, loss, tokens, V, env, checked=True):
     # (meta, reader), refused unless the cache trains `loss` and was
     # made from this train.bin. reader(seqs) -> [ids, w], (B, T, K)
-    # each. read_files(seqs): {file name: its values, a flat tensor}
-    # (ids: int64), their crc32 and value checks passed (if checked)
-    data = gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
-    meta, read_files = gr.cache_reader(cfg, loss, V, data, FORMATS, checked)
+    # each. read_files(seqs): {file: its values, flat} (ids: int64),
+    # crc32 and value checks passed (checked=False: bench.py's reads)
+    data_id = gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env)
+    meta, read_files = gr.cache_reader(cfg, loss, V, data_id, FORMATS, checked)
     fmt = FORMATS[meta['method']]
 
     def reader(seqs):
@@ -460,8 +460,8 @@ def evaluate(model, teacher, val, val_seqs, cfg, env, nbins=15):
             logp_top, guess = logp.max(-1)
             conf = logp_top.exp()  # (rows,) top-1 probabilities
             b = (conf * nbins).long().clamp(0, nbins - 1)  # their bins
-            hits = torch.stack([torch.ones_like(conf), conf, guess == yy], -1)
-            bins.index_add_(0, b, hits.double())
+            one = torch.ones_like(conf)
+            bins.index_add_(0, b, torch.stack([one, conf, guess == yy], -1).double())
             if teacher is not None:
                 logt = F.log_softmax(xt.float(), dim=-1)
                 kl += (logt.exp() * (logt - logp)).sum()
@@ -558,8 +558,8 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         return loss / r.micro_steps
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     metrics_path = os.path.join(cfg.out_dir, 'metrics.jsonl')
-    # the evals so far (resumed: the checkpoint's), on every rank; rank
-    # 0 rewrites metrics.jsonl to hold just those
+    # the evals so far (resumed: the checkpoint's, not redone), on every
+    # rank; rank 0 rewrites metrics.jsonl to hold just those
     evals = gr.start_metrics(metrics_path, ckpt, env.master)
 
     def save(it):  # atomically: model, optimizer, scaler, RNG, evals
@@ -570,9 +570,9 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
         print(f"{cfg.mode} ({r.objective}): {r.S:,} sequences, "
               f"{tokens_per_step:,} tokens a step, {env.device} {env.dtype}")
     start, train_time, timed = it, 0.0, 0  # timed: steps in train_time
-    # Ctrl-C, SIGTERM: `stop` records them; stop.flags(env), a 0 or 1
-    # per signal, rides on the loss's all_reduce, so that all ranks see
-    # a signal at the same step, stop.seen(flags), and stop there
+    # Ctrl-C or SIGTERM: `stop` notes it; the run saves and exits at
+    # the next step's top. All ranks must stop at one step, so each
+    # sends its flags (stop.flags) with the loss's all_reduce
     lossf, m, stopping = None, {}, False  # the last step's loss, eval
     batch = r.fetch(it * r.micro_steps)
     with gr.stop_requested() as stop:
@@ -620,7 +620,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
                 r.model.parameters(), cfg.grad_clip or math.inf)
             both = torch.cat([sums, grad_norm.view(1).to(sums)])
             lossf, *flags, grad_normf = both.tolist()
-            stopping = stop.seen(flags)  # at the loop's top, on all ranks
+            stopping = stop.seen(flags)  # a signal on any rank
             # never step on a NaN (an inf gradient under fp16: the scaler skips)
             gr.check_finite(it, ckpt_path, lossf, grad_normf, scaled=scaler.is_enabled())
             scaler.step(optimizer)
