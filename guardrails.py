@@ -130,7 +130,7 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
                 die(f"--{k} {args[k]}: --init_from {args['init_from']} has {k} {shape[k]}: drop it")
     if mode in ('bench', 'verify') and 'RANK' in os.environ:
         die(f"--mode {mode} runs in one process: run it with python, not torchrun")
-    if not ckpt and 'gradient_accumulation_steps' not in args:  # torchrun: one a rank
+    if not ckpt and not args.get('gradient_accumulation_steps'):  # 0: one a rank
         args['gradient_accumulation_steps'] = int(os.environ.get('WORLD_SIZE', 1))
     cfg = config_cls(**{**base, **args})
     for method in formats:  # a fork's broken entry is named, whatever the run
@@ -146,12 +146,12 @@ def resolve_config(config_cls, args, teacher_defaults, formats, objectives):
 def cache_decides(cfg, args, formats):
     """Options that shape a cache: another method's are refused in cache
     mode; in training the cache's are taken (and printed), others refused."""
-    options = {'method', 'split', 'compress'}.union(*(f['meta'] for f in formats.values()))
+    options = {'method', 'split', 'compress'}.union(*(f['options'] for f in formats.values()))
     given = sorted(options & set(args))
     cached = cfg.mode == 'train' and cfg.loss in {f['loss'] for f in formats.values()}
     for k in given if cfg.mode == 'cache' else []:  # it would do nothing
-        others = [m for m, f in formats.items() if k in f['meta']
-                  and k not in formats[cfg.method]['meta']]
+        others = [m for m, f in formats.items() if k in f['options']
+                  and k not in formats[cfg.method]['options']]
         if others:
             die(f"--{k} is an option of --method {' or '.join(others)}, not {cfg.method}: "
                 f"drop it, or pass --method {others[0]}")
@@ -160,7 +160,7 @@ def cache_decides(cfg, args, formats):
     if not cached or not os.path.isfile(os.path.join(cfg.cache_dir, 'meta.json')):
         return cfg  # (a missing cache is named once the data is checked)
     meta = read_cache_meta(cfg.cache_dir, formats)
-    taken = {k: meta[k] for k in ('method', 'split', 'compress', *formats[meta['method']]['meta'])}
+    taken = {k: meta[k] for k in ('method', 'split', 'compress', *formats[meta['method']]['options'])}
     for k in given:
         if taken.get(k) != args[k]:
             die(f"--{k} {args[k]}: training takes its targets' options from the cache, "
@@ -624,7 +624,7 @@ CACHE_META = dict(format=str, version=int, method=str, vocab_size=int, block_siz
 # batch size and torch, so such a resume is exact but not bit-identical
 RECORDED = ('device_name', 'batch_size', 'torch')
 PROGRESS = ('complete', 'seqs_done', 'entries', 'block_bytes')
-FORMAT_KEYS = ('target', 'loss', 'unbiased', 'meta', 'files', 'ragged', 'decode')
+FORMAT_KEYS = ('target', 'loss', 'unbiased', 'options', 'files', 'ragged', 'decode')
 
 # The value checks FORMATS entries list: (a batch's values of a file, where
 # each position's values start, meta.json) -> every value is valid.
@@ -671,10 +671,10 @@ def check_format(method, formats, config_cls=None, objectives=None):
     require(not missing, f" has no {', '.join(missing)}: every entry needs {', '.join(FORMAT_KEYS)}")
     require(objectives is None or fmt['loss'] in objectives,
             f" trains with loss {fmt['loss']!r}, which has no OBJECTIVES entry")
-    for name, kind in fmt['meta'].items():
+    for name, kind in fmt['options'].items():
         require(name not in CACHE_META, f": every cache records {name} already: drop it")
         require(not config_cls or getattr(fields_.get(name), 'type', None) is kind,
-                f": its meta option {name} ({kind.__name__}) needs a Config field of that type")
+                f": its option {name} ({kind.__name__}) needs a Config field of that type")
     for name, spec in fmt['files'].items():
         require(isinstance(spec, tuple) and len(spec) == 3,
                 f": file '{name}' must be (dtype, per, checks)")
@@ -686,7 +686,7 @@ def check_format(method, formats, config_cls=None, objectives=None):
             np.dtype(dtype if dtype != 'ids' else 'int32')
         except TypeError:
             require(False, f": file '{name}' has dtype {dtype!r}, which numpy does not know")
-        require(per in ('position', 'entry') or fmt['meta'].get(per) is int,
+        require(per in ('position', 'entry') or fmt['options'].get(per) is int,
                 f": file '{name}' has per={per!r}: use 'position', 'entry' or an int option")
         require(name not in ('seq_offsets', 'checksums', 'meta', 'blocks', 'vocab_order'),
                 f": '{name}' is a file of every cache: give yours another name")
@@ -699,13 +699,13 @@ def check_format(method, formats, config_cls=None, objectives=None):
 
 class RecordedOptions(SimpleNamespace):
     def __getattr__(self, name):  # (called only for a name not there)
-        raise AttributeError(f"a target read the option {name}, which its FORMATS entry's meta "
-                             f"does not record: add {name} there, so that the cache records it")
+        raise AttributeError(f"a target read the option {name}, which its FORMATS entry's options "
+                             f"do not list: add {name} there, so that the cache records it")
 
 def recorded_options(cfg, fmt):
     """The options a target may read: those its meta.json records."""
     common = ('seed', 'block_size', 'split')  # (every cache records these)
-    return RecordedOptions(**{name: getattr(cfg, name) for name in (*common, *fmt['meta'])})
+    return RecordedOptions(**{name: getattr(cfg, name) for name in (*common, *fmt['options'])})
 
 def format_files(meta, formats):
     """name -> (dtype, per) of the files a cache's FORMATS entry names."""
@@ -895,7 +895,7 @@ def read_cache_meta(cache_dir, formats):
     if not isinstance(method, str) or method not in formats:
         die(f"{path} has method {method!r}, not {' or '.join(formats)}: {fix}")
     fmt = check_format(method, formats)
-    check_fields(meta, {**CACHE_META, **fmt['meta']}, path, fix, signed=fmt['meta'])
+    check_fields(meta, {**CACHE_META, **fmt['options']}, path, fix, signed=fmt['options'])
     V = meta['vocab_size']
     bad = out_of_range(meta, [
         ('ids_dtype', meta['ids_dtype'] == ids_dtype(V), f"{ids_dtype(V)} for {V} tokens"),
@@ -1042,7 +1042,7 @@ def write_cache(cfg, env, formats, S, V, teacher, data):
                 dtype=env.dtype, device=env.device_type, device_name=env.name,
                 batch_size=cfg.batch_size, torch=torch.__version__, compress=cfg.compress,
                 complete=False, seqs_done=0, entries=0, block_bytes=0,
-                **{k: getattr(cfg, k) for k in fmt['meta']})
+                **{k: getattr(cfg, k) for k in fmt['options']})
     if os.path.exists(os.path.join(cfg.cache_dir, 'meta.json')):  # (every rank checks)
         old = read_cache_meta(cfg.cache_dir, formats)
         for key, now in meta.items():

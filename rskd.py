@@ -63,7 +63,7 @@ class Config:
     # optimisation
     batch_size: int = opt(16, "sequences per micro-batch, per rank")
     gradient_accumulation_steps: int = opt(
-        1, "micro-batches per step, all ranks (if not given: one per rank)")
+        0, "micro-batches per step, all ranks (0: one per rank)")
     max_iters: int = opt(200, "optimizer steps")
     lr_decay_iters: int = opt(0, "step where the cosine ends (0: max_iters)")
     learning_rate: float = opt(3e-3, "peak learning rate")
@@ -184,8 +184,8 @@ def run_lengths(draws):
 
 # ---------------------------------------------------------------
 # the method, part 2: sparse targets, t (B, T, V) in, a few ids a
-# position out, {file name: tensor}. opts: the Config options that the
-# target's FORMATS entry (below) lists in meta; gens: as above
+# position out, {file name: tensor}. opts.x: cfg.x, for each option x
+# that the target's FORMATS entry (below) lists; gens: as above
 
 def rs_target(probs, opts, gens):
     # RS-KD: at each position draw N = --rounds tokens from t, with
@@ -329,8 +329,8 @@ OBJECTIVES = dict(
 #   target:   (probs, opts, gens) -> {file name: tensor}
 #   loss:     the --loss that trains on this cache
 #   unbiased: E[w] = t (a test checks each entry that says so)
-#   meta:     {option: type}: the Config fields the target reads,
-#             recorded in the cache's meta.json (`meta`, `m` below)
+#   options:  {name: type}: the Config options the target reads; the
+#             cache's meta.json records them (`meta`, `m` below)
 #   files:    {name: (dtype, per, checks)}: the arrays it stores
 #     dtype:  a numpy dtype, or 'ids': token ids (uint16)
 #     per:    values a position: 'position' (one), an option ('k': k
@@ -345,20 +345,20 @@ OBJECTIVES = dict(
 FORMATS = {
     'rs': dict(
         target=rs_target, loss='rskd', unbiased=True, ragged='lengths',
-        meta=dict(rounds=int, sampler=str),
+        options=dict(rounds=int, sampler=str),
         files=dict(lengths=('uint8', 'position', [at_least_1]),
                    ids=('ids', 'entry', [in_vocab, ascending]),
                    counts=('uint8', 'entry', [at_least_1, sums_to('rounds')])),
         decode=lambda a, m: (a['ids'], a['counts'] / m['rounds'])),  # c / N
     'topk': dict(
         target=topk_target, loss='topk', unbiased=False, ragged=None,
-        meta=dict(k=int),
+        options=dict(k=int),
         files=dict(ids=('ids', 'k', [in_vocab]),
                    probs=('float16', 'k', [probability, descending])),
         decode=lambda a, m: (a['ids'], a['probs'].float())),  # t_i
     'is': dict(
         target=is_target, loss='rskd', unbiased=True, ragged='lengths',
-        meta=dict(rounds=int, sampler=str, proposal_temperature=float),
+        options=dict(rounds=int, sampler=str, proposal_temperature=float),
         files=dict(lengths=('uint8', 'position', [at_least_1]),
                    ids=('ids', 'entry', [in_vocab, ascending]),
                    counts=('uint8', 'entry', [at_least_1, sums_to('rounds')]),
@@ -385,7 +385,7 @@ def cache_batch(teacher, idx, seqs, V, cfg, env):
     probs = torch.softmax(logits, -1, out=logits)[..., :V]
     fmt = FORMATS[cfg.method]
     gens = seq_generators(cfg.seed, seqs, env.device)
-    opts = gr.recorded_options(cfg, fmt)  # cfg, but only fmt['meta']'s
+    opts = gr.recorded_options(cfg, fmt)  # opts.x: cfg.x, x in fmt['options']
     return fmt['target'](probs, opts, gens)
 
 def run_cache(cfg, env, loaded=None):  # loaded: bench.py's teacher
@@ -495,14 +495,14 @@ def setup_train(cfg, env, ckpt):
     # data, cache, teacher, model, optimizer and a saved run. loss: what
     # the student learns from; objective: its OBJECTIVES entry
     loss = 'ce' if cfg.mode == 'teacher' else cfg.loss
-    objective = loss if cfg.topk_tail == 'none' else cfg.topk_tail
+    objective = loss if cfg.topk_tail == 'none' else cfg.topk_tail  # (topk's)
     tokens, S, V = load_split(cfg, 'train', env, cfg.max_seqs)
     val, S_val, _ = load_split(cfg, 'val', env)
     B, T = cfg.batch_size, cfg.block_size
     # accum / world (it dies unless world divides it, S holds a step)
     micro_steps = gr.micro_steps_per_rank(cfg, env.world, S)
-    # targets from the cache; a teacher and its id (name, sha256): the
-    # cache's, else --teacher, for fullkd and the evals (none in teacher)
+    # targets from the cache; a teacher and its id (name or path, and
+    # sha256): the cache's, else --teacher, for fullkd and the evals
     cached = loss in {f['loss'] for f in FORMATS.values()}  # not ce, fullkd
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, teacher_id = gr.find_teacher(
@@ -514,8 +514,8 @@ def setup_train(cfg, env, ckpt):
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.device_type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
     scaler = torch.amp.GradScaler(env.device_type, enabled=env.dtype == 'float16')
-    # an exact resume (a new run: it 0, best inf) if the inputs match,
-    # each a path and sha256 (the cache's: meta['identity'])
+    # (it, best): the ckpt's, refused if an input changed (each a name
+    # or path and sha256; cache_reader's meta['identity']); new: 0, inf
     inputs = dict(cache=meta and meta['identity'], teacher=teacher_id,
                   data=gr.data_fingerprint(tokens, f'{cfg.data_dir}/train.bin', env),
                   val=gr.data_fingerprint(val, f'{cfg.data_dir}/val.bin', env))
@@ -562,7 +562,7 @@ def run_train(cfg, env, ckpt=None):  # ckpt: --resume's
     # rank; rank 0 rewrites metrics.jsonl to hold just those
     evals = gr.start_metrics(metrics_path, ckpt, env.master)
 
-    def save(it):  # atomically: model, optimizer, scaler, RNG, evals
+    def save(it):  # atomically: model, optimizer, scaler, evals, RNG state
         gr.save_checkpoint(ckpt_path, r.model, optimizer, scaler, it,
                            r.best, dict(asdict(cfg), inputs=r.inputs), evals)
     tokens_per_step = cfg.batch_size * cfg.block_size * r.micro_steps * env.world

@@ -47,7 +47,7 @@ OPTIONS = dict(k=5, proposal_temperature=0.8)
 
 def method_args(method):
     """--method and the test value of each option its FORMATS entry records."""
-    meta = rskd.FORMATS[method]['meta']
+    meta = rskd.FORMATS[method]['options']
     return ['--method', method, *[a for o in meta if o in OPTIONS for a in (f'--{o}', OPTIONS[o])]]
 
 
@@ -372,7 +372,7 @@ def test_each_format_that_claims_it_is_unbiased(method):
     # training batch reads them: the mean of the per-row sparse targets estimates t, within 5 standard
     # errors measured from the rows themselves; a token of probability 0 is never stored
     fmt, M = rskd.FORMATS[method], 4000
-    options = guardrails.recorded_options(rskd.Config(**{o: OPTIONS[o] for o in fmt['meta'] if o in OPTIONS}), fmt)
+    options = guardrails.recorded_options(rskd.Config(**{o: OPTIONS[o] for o in fmt['options'] if o in OPTIONS}), fmt)
     stored = fmt['target'](P.expand(1, M, len(P)).clone(), options, [torch.Generator().manual_seed(0)])
     ids, w = fmt['decode'](stored, vars(options))
     if fmt['ragged']:
@@ -916,7 +916,7 @@ def test_a_copied_entry_works_under_a_new_name(tmp_path, data, teacher, monkeypa
 def test_a_formats_own_option_may_be_negative(tmp_path, data, teacher, monkeypatch):
     # the guard rails range-check the options they know (RANGES); a fork's own option may be any finite
     # number. Here commit_seconds stands in for one, recorded by the entry (-1: commit every batch)
-    entry = dict(rskd.FORMATS['rs'], meta=dict(rskd.FORMATS['rs']['meta'], commit_seconds=float))
+    entry = dict(rskd.FORMATS['rs'], options=dict(rskd.FORMATS['rs']['options'], commit_seconds=float))
     monkeypatch.setitem(rskd.FORMATS, 'rs_signed', entry)
     args = cache_args(data, teacher, tmp_path / 'c', '--method', 'rs_signed', '--max_seqs', 16, '--commit_seconds', -1)
     run(*args)
@@ -947,7 +947,7 @@ def top1_decode(stored, meta):
 def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, monkeypatch, capsys):
     # the fork: a target function and one FORMATS entry with a file of its own, trained with an existing
     # loss. Cache mode, the checks, verify, the reader and the bench need nothing else
-    entry = dict(target=top1_target, loss='topk', unbiased=False, ragged=None, decode=top1_decode, meta={},
+    entry = dict(target=top1_target, loss='topk', unbiased=False, ragged=None, decode=top1_decode, options={},
                  files=dict(ids=('ids', 'position', [guardrails.in_vocab]),
                             probs=('float16', 'position', [guardrails.probability]),
                             tenths=('uint8', 'position', [tenths_valid])))
@@ -1006,7 +1006,7 @@ def test_a_new_target_is_one_function_and_one_entry(tmp_path, data, teacher, mon
         values, ids = model.top_k(probs.flatten(0, 1), opts.k)
         return dict(ids=ids, probs=values.half(), tenths=(values * 10).round().to(torch.uint8))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', unrecorded_option)
-    with pytest.raises(AttributeError, match="read the option k, which its FORMATS entry's meta does not record"):
+    with pytest.raises(AttributeError, match="read the option k, which its FORMATS entry's options do not list"):
         run(*cache_args(data, teacher, tmp_path / 'c3', '--method', 'top1'))
     monkeypatch.setitem(rskd.FORMATS['top1'], 'target', top1_target)
     # ... and an option of another method is refused for this one
@@ -1025,8 +1025,8 @@ def fork_mistakes():
     return {
         'no loss': ({k: v for k, v in rs.items() if k != 'loss'}, "FORMATS['bad'] has no loss"),
         'a loss without an objective': (dict(rs, loss='mykd'), "loss 'mykd', which has no OBJECTIVES entry"),
-        'an option of another type': (dict(rs, meta=dict(rounds=float, sampler=str)), 'needs a Config field of that type'),
-        'an option every cache records': (dict(rs, meta=dict(rounds=int, sampler=str, seed=int)), 'every cache records seed already'),
+        'an option of another type': (dict(rs, options=dict(rounds=float, sampler=str)), 'needs a Config field of that type'),
+        'an option every cache records': (dict(rs, options=dict(rounds=int, sampler=str, seed=int)), 'every cache records seed already'),
         'an unknown dtype': (dict(rs, files=dict(rs['files'], counts=('uint9', 'entry', [guardrails.at_least_1]))), "dtype 'uint9'"),
         'checks that are no list': (dict(rs, files=dict(rs['files'], counts=('uint8', 'entry', guardrails.at_least_1))), "file 'counts' has no value checks"),
         'a width from a text option': (dict(rs, files=dict(rs['files'], lengths=('uint8', 'sampler', [guardrails.at_least_1]))), "per='sampler'"),
@@ -1235,9 +1235,10 @@ def test_ddp_training_and_resume_match_single_process(tmp_path, data, caches):
     common = ['--mode', 'train', '--data_dir', data, '--cache_dir', caches['rs'], *TINY, '--eval_interval', 2,
               '--lr_decay_iters', 4]
     run(*common, '--max_iters', 4, '--out_dir', tmp_path / 'one', '--gradient_accumulation_steps', 2)
-    # 2 ranks (by default one micro-step each: the same global batch), stopped after 2 steps, then resumed
-    torchrun(2, *common, '--max_iters', 2, '--out_dir', tmp_path / 'two')
+    # 2 ranks (0, as by default: one micro-step each, the same global batch), stopped after 2 steps, resumed
+    torchrun(2, *common, '--max_iters', 2, '--out_dir', tmp_path / 'two', '--gradient_accumulation_steps', 0)
     torchrun(2, *common, '--max_iters', 4, '--out_dir', tmp_path / 'two', '--resume', 'true')
+    assert guardrails.load_checkpoint(str(tmp_path / 'two' / 'ckpt.pt'))['config']['gradient_accumulation_steps'] == 2
     one, two = final_weights(tmp_path / 'one'), final_weights(tmp_path / 'two')
     assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
     m1, m2 = ([json.loads(line) for line in open(tmp_path / d / 'metrics.jsonl')] for d in ('one', 'two'))
