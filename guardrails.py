@@ -175,8 +175,9 @@ RANGES = [('seed', 0, 2 ** 64 - 1, "between 0 and 2**64"),
           ('proposal_temperature', math.ulp(0), math.inf, "a positive number"),
           ('vocab_size', 1, 65536, "1..65536 (tokens are uint16)")]
 RANGES += [(n, 1, math.inf, "at least 1") for n in (
-    'batch_size', 'block_size', 'gradient_accumulation_steps', 'n_layer', 'n_head',
-    'n_embd', 'eval_interval', 'eval_iters', 'log_interval', 'k')]
+    'batch_size', 'block_size', 'n_layer', 'n_head', 'n_embd', 'eval_interval', 'eval_iters',
+    'log_interval', 'k')]
+RANGES += [('gradient_accumulation_steps', 1, math.inf, "at least 1 (or 0: one per rank)")]
 RANGES += [(n, 0, math.inf, "at least 0") for n in (
     'max_iters', 'max_seqs', 'alpha', 'learning_rate', 'min_lr', 'warmup_iters',
     'lr_decay_iters', 'weight_decay', 'grad_clip')]

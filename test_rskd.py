@@ -1396,6 +1396,7 @@ def bad_inputs(tmp, data, teacher, caches):
         'missing GPU': (lambda: [*train, '--device', 'cuda:99'], 'CUDA GPUs: use --device cpu'),
         'tail without topk': (lambda: [*train, '--cache_dir', caches['rs'], '--topk_tail', 'ghost'], 'changes only --loss topk, not --loss rskd'),
         'negative grad_clip': (lambda: [*train, '--grad_clip', -1], '--grad_clip must be at least 0, got -1'),
+        'negative accumulation': (lambda: [*train, '--gradient_accumulation_steps', -1], 'at least 1 (or 0: one per rank)'),
         'cache meta of unknown method': (lambda: [*train, '--cache_dir', cache_with(lambda d: edit_meta(f'{d}/meta.json', method='gumbel'))], "has method 'gumbel'"),
         'teacher folder, not file': (lambda: [*train, '--loss', 'fullkd', '--teacher', os.path.dirname(teacher)], 'folder without config.json'),
         'fullkd teacher with shorter block_size': (lambda: [*train, '--loss', 'fullkd', '--teacher', teacher, '--block_size', 32], 'shorter than --block_size 32'),
