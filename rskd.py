@@ -501,15 +501,15 @@ def setup_train(cfg, env, ckpt):
     B, T = cfg.batch_size, cfg.block_size
     # accum / world (it dies unless world divides it, S holds a step)
     micro_steps = gr.micro_steps_per_rank(cfg, env.world, S)
-    # targets from the cache; a teacher and its id (name or path, and
-    # sha256): the cache's, else --teacher, for fullkd and the evals
+    # the cache's targets; a teacher (the cache's, else --teacher; none
+    # in teacher mode) and its id, for fullkd and the evals' KL
     cached = loss in {f['loss'] for f in FORMATS.values()}  # not ce, fullkd
     meta, reader = open_cache(cfg, loss, tokens, V, env) if cached else (None, None)
     teacher, teacher_id = gr.find_teacher(
         cfg, required=loss == 'fullkd', cache_meta=meta, vocab_size=V, env=env)
     gr.check_model_size(cfg, V, env, teacher)  # it must fit in memory
     torch.manual_seed(stream_seed(cfg.seed, INIT))
-    model = gr.student_model(cfg, V, ckpt).to(env.device)  # new, or --init_from
+    model = gr.student_model(cfg, V, ckpt).to(env.device)  # (restore loads ckpt)
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), env.device_type)
     # float16 needs a GradScaler; bfloat16 and float32 do not
