@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
 # guardrails.py: what a reader need not open (checks, loading, cache
-# files, locks, errors). Imported before torch, which is slow to load,
-# so that a Ctrl-C meanwhile prints one line, not a traceback
+# files, locks, errors). Imported before torch, which is slow to load:
+# its signal handler makes a Ctrl-C meanwhile one line, not a traceback
 import guardrails as gr
 from guardrails import opt  # a Config field: default, help, choices
 # FORMATS' value checks: in_vocab (0 <= id < V), at_least_1, positive,
@@ -641,7 +641,7 @@ def main(argv=None):
     args = gr.parse_args(Config, argv, TEACHER, __doc__)
     # errors and signals: one line, an exit status, saved work kept
     with gr.entry_point():
-        # cfg: defaults < the resumed ckpt's config < the command line
+        # cfg: defaults (TEACHER's in teacher mode) < resumed ckpt < command line
         cfg, ckpt = gr.resolve_config(Config, args, TEACHER, FORMATS, OBJECTIVES)
         env = gr.setup(cfg)
         # one run per output folder; --resume's ckpt unchanged since read
