@@ -47,8 +47,8 @@ OPTIONS = dict(k=5, proposal_temperature=0.8)
 
 def method_args(method):
     """--method and the test value of each option its FORMATS entry records."""
-    meta = rskd.FORMATS[method]['options']
-    return ['--method', method, *[a for o in meta if o in OPTIONS for a in (f'--{o}', OPTIONS[o])]]
+    options = rskd.FORMATS[method]['options']
+    return ['--method', method, *[a for o in options if o in OPTIONS for a in (f'--{o}', OPTIONS[o])]]
 
 
 def write_data(d, n_train=20000, n_val=2000, vocab=V, seed=0):
